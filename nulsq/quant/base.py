@@ -1,0 +1,136 @@
+"""The quantizer module contract and the registry of quantizer kinds.
+
+A quantizer fake-quantizes one tensor: a layer's weight (role "weight") or its input activation
+(role "act"). It owns its learnable parameters, so the trainer finds them by type
+(`quantizer_parameters`) and gives them their own optimizer, never by name matching.
+
+Initialisation runs before training: `begin_init()` switches every quantizer to observing, the
+trainer pushes `init.batches` training batches through the model (quantizers pass x through
+unchanged and record a statistic), then `end_init()` sets the parameters (the maximum over batches,
+as the authors do).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from nulsq.errors import UserError
+from nulsq.registry import Registry
+
+QUANTIZERS: Registry[type["Quantizer"]] = Registry("quantizer kind")
+
+
+def signed_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(Qn, Qp) of a b-bit grid: signed -> (2^(b-1), 2^(b-1)-1), unsigned -> (0, 2^b-1)."""
+    if signed:
+        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+class Quantizer(nn.Module):
+    """Base class: fake-quantizes a tensor; subclasses implement `quantize`.
+
+    Args:
+        bits: bit width b.
+        signed: signed grid (weights, signed activations) or unsigned (activations after ReLU).
+        role: "weight" or "act"; decides the element count N of LSQ's gradient scale.
+        grad_scale: "none" (scale 1) or "lsq" (1/sqrt(N*Qp), Esser et al.).
+        init_method: name of the initialiser in `nulsq.quant.init` used by `observe`.
+    """
+
+    supported_bits: ClassVar[tuple[int, ...]] = tuple(range(2, 9))
+    kind: ClassVar[str] = "base"
+
+    def __init__(
+        self,
+        bits: int,
+        signed: bool,
+        role: str,
+        grad_scale: str = "none",
+        init_method: str = "lsq",
+    ) -> None:
+        super().__init__()
+        if bits not in self.supported_bits:
+            raise UserError(
+                f"quantizer '{self.kind}' does not support {bits} bits; supported: "
+                f"{', '.join(map(str, self.supported_bits))}"
+            )
+        if role not in ("weight", "act"):
+            raise ValueError(f"role must be 'weight' or 'act', got {role!r}")
+        if grad_scale not in ("none", "lsq"):
+            raise UserError(f"unknown quantizer.grad_scale '{grad_scale}'; valid: lsq, none")
+        self.bits = bits
+        self.signed = signed
+        self.role = role
+        self.grad_scale_mode = grad_scale
+        self.init_method = init_method
+        self.qn, self.qp = signed_range(bits, signed)
+        self.observing = False
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x.detach())
+            return x
+        return self.quantize(x)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def grad_scale(self, x: torch.Tensor) -> float:
+        """LSQ's g = 1/sqrt(N*Qp): N = numel for weights, numel per sample for activations."""
+        if self.grad_scale_mode == "none":
+            return 1.0
+        n = x.numel() if self.role == "weight" or x.dim() < 2 else x[0].numel()
+        return 1.0 / math.sqrt(n * max(self.qp, 1))
+
+    # -- initialisation ----------------------------------------------------------------------
+    def begin_init(self) -> None:
+        self.observing = True
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Record an initialisation statistic of one batch (default: nothing to learn)."""
+
+    def end_init(self) -> None:
+        self.observing = False
+
+    # -- inspection (logging, plots, guards) --------------------------------------------------
+    def levels(self) -> torch.Tensor:
+        """The representable values, ascending, as a 1-D float tensor (empty if data-dependent)."""
+        return torch.empty(0)
+
+    def step_sizes(self) -> torch.Tensor | None:
+        """The learnable step sizes that must stay positive, flattened; None if none."""
+        return None
+
+    def step_parameters(self) -> list[nn.Parameter]:
+        """The parameters behind `step_sizes()` (clamped when quantizer.step_guard=clamp)."""
+        return []
+
+    def merge_from(self, old: dict[str, torch.Tensor]) -> None:
+        """Progressive fine-tuning (supplement D-III): set this b-bit quantizer's parameters from
+        the same layer's (b+1)-bit ones (`old`: parameter name -> tensor)."""
+        raise UserError(
+            f"quantizer '{self.kind}' cannot be initialised from a higher-bit run; "
+            f"unset init.from_run or use lsq/nulsq"
+        )
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, role={self.role}"
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every learnable parameter owned by a Quantizer module of `model` (the 'quant' group)."""
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, Quantizer):
+            for p in module.parameters(recurse=False):
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+    return params

@@ -1,0 +1,27 @@
+"""Build the network a config describes: the FP model, then (for QAT) its quantized twin."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from nulsq import models
+from nulsq.quant import quantize_model
+
+
+def build_model(cfg, num_classes: int, quantized: bool, verbose: bool = True,
+                load_pretrained: bool = True) -> tuple[nn.Module, object]:
+    """(model, spec): `cfg.model` built for `num_classes`, converted by `cfg.quantizer` if asked.
+
+    Args:
+        cfg: the whole run config.
+        num_classes: classifier width (the dataset's).
+        quantized: swap Conv2d/Linear for quantized twins per `cfg.quantizer`.
+        verbose: print the quantizer table.
+        load_pretrained: honour `cfg.model.pretrained` (off when a checkpoint will overwrite it).
+    """
+    model_cfg = cfg.model if load_pretrained else {**cfg.model, "pretrained": False}
+    model = models.build(model_cfg, num_classes)
+    spec = models.MODELS.get(cfg.model.name)
+    if quantized:
+        quantize_model(model, cfg.quantizer, spec.signed_activations, cfg.init.method, verbose)
+    return model, spec

@@ -10,6 +10,9 @@ import hydra
 from omegaconf import DictConfig
 
 from nulsq.cli import report_user_errors
+from nulsq.config import register_schema
+
+register_schema()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")

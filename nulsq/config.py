@@ -152,6 +152,14 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+def register_schema() -> None:
+    """Make the schema the base of configs/config.yaml (its first default, `nulsq_schema`), so
+    every key can be overridden without `+` and a typo fails while Hydra composes."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="nulsq_schema", node=Config)
+
+
 def validate(cfg: DictConfig | dict) -> DictConfig:
     """Return `cfg` merged into the schema; raise UserError on an unknown key or a wrong type."""
     schema = OmegaConf.structured(Config)

@@ -40,11 +40,16 @@ class StageState:
     train_seconds: float = 0.0
     step_offset: int = 0  # steps of earlier stages, so logged step numbers keep increasing
     fp_top1: float | None = None  # the FP model's top-1 this QAT stage started from
+    partial: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, correct, count so far
     history: list = field(default_factory=list)
 
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+    @property
+    def steps_into_epoch(self) -> int:
+        return self.step - self.epoch * self.steps_per_epoch
 
 
 @dataclass
@@ -70,16 +75,19 @@ def _top_k_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> lis
 
 
 def train_epoch(model: nn.Module, raw_model: nn.Module, loader, state: StageState, ctx: StepContext) -> dict:
-    """Run one epoch (or until max_steps); returns train loss and top-1 over the epoch."""
+    """Run the rest of the current epoch (or until max_steps); returns train loss and top-1 over
+    the epoch. A checkpoint taken mid-epoch resumes here: the loader's order depends only on
+    (seed, epoch), so skipping the batches already done continues the same sequence."""
     model.train()
     device = ctx.runtime.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    count = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum, correct, count = (torch.tensor(v, device=device) for v in state.partial)
+    skip = state.steps_into_epoch
     progress = Progress(state, ctx.dist.is_main)
     t0 = time.perf_counter()
-    window_t, window_images = t0, 0
-    for images, labels in loader:
+    window_t, window_images, processed = t0, 0, 0
+    for i, (images, labels) in enumerate(loader):
+        if i < skip:
+            continue
         if ctx.max_steps is not None and state.step >= ctx.max_steps:
             break
         if ctx.runtime.channels_last:
@@ -97,8 +105,9 @@ def train_epoch(model: nn.Module, raw_model: nn.Module, loader, state: StageStat
             clamp_step_sizes(raw_model, ctx.step_floor)
         batch = labels.shape[0]
         loss_sum += loss.detach().float() * batch
-        correct += (logits.detach().argmax(1) == labels).sum()
+        correct += (logits.detach().argmax(1) == labels).sum().float()
         count += batch
+        processed += batch
         state.step += 1
         window_images += batch * ctx.dist.world_size
         if state.step % ctx.log_interval == 0 or state.step == state.total_steps:
@@ -119,14 +128,16 @@ def train_epoch(model: nn.Module, raw_model: nn.Module, loader, state: StageStat
                                  "epoch": epoch_f, **lrs}, step=state.step_offset + state.step)
             progress.update(loss_value, ips, lrs)
     elapsed = time.perf_counter() - t0
-    totals = all_reduce_sum(torch.stack([loss_sum, correct.float(), count.float()]), ctx.dist)
-    loss_total, correct_total, n = totals.tolist()
-    state.images_seen += int(n)
+    local = [loss_sum.item(), correct.item(), count.item()]
+    done = state.steps_into_epoch >= state.steps_per_epoch
+    state.partial = [0.0, 0.0, 0.0] if done else local
+    state.images_seen += processed * ctx.dist.world_size
     state.train_seconds += elapsed
+    loss_total, correct_total, n = all_reduce_sum(torch.tensor(local, device=device), ctx.dist).tolist()
     return {
         "train/loss": loss_total / max(n, 1),
         "train/top1": 100.0 * correct_total / max(n, 1),
-        "train/images_per_s": n / max(elapsed, 1e-9),
+        "train/images_per_s": processed * ctx.dist.world_size / max(elapsed, 1e-9),
     }
 
 

@@ -19,7 +19,7 @@ from nulsq.config import validate
 from nulsq.errors import UserError
 from nulsq.log import build_logger, quantizer_snapshot
 from nulsq.quant import initialize_quantizers
-from nulsq.quant.progressive import load_progressive
+from nulsq.quant.from_run import load_progressive
 from nulsq.train import distributed as D
 from nulsq.train.build import build_model
 from nulsq.train.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text,
@@ -143,7 +143,7 @@ class _Stage:
         })
 
     def train(self) -> dict:
-        """Run the remaining epochs; returns the last epoch's metrics."""
+        """Run the remaining epochs (a stop by max_steps ends mid-epoch, checkpointed there)."""
         s, last = self.state, {}
         while s.epoch < s.epochs:
             if self.cfg.trainer.max_steps is not None and s.step >= self.cfg.trainer.max_steps:
@@ -152,27 +152,34 @@ class _Stage:
             t0 = time.perf_counter()
             metrics = train_epoch(self.model, self.raw_model, self.bundle.train, s, self.ctx)
             metrics.update(evaluate(self.model, self.bundle.val, self.runtime, self.dist))
-            metrics.update({"epoch": s.epoch + 1, "stage": self.name,
+            complete = s.steps_into_epoch >= s.steps_per_epoch
+            metrics.update({"epoch": s.epoch + 1, "stage": self.name, "complete": complete,
                             "epoch_time_s": time.perf_counter() - t0})
-            if metrics["val/top1"] > s.best_top1:
-                s.best_top1, s.best_epoch = metrics["val/top1"], s.epoch + 1
-            s.history.append({k: v for k, v in metrics.items() if k != "stage"})
-            s.epoch += 1
+            if complete:
+                if metrics["val/top1"] > s.best_top1:
+                    s.best_top1, s.best_epoch = metrics["val/top1"], s.epoch + 1
+                s.history.append({k: v for k, v in metrics.items() if k != "stage"})
+                s.epoch += 1
             self.log.log("epoch", metrics, step=s.step_offset + s.step)
             if self.name == "qat":
-                self.log.log("quantizers", {"epoch": s.epoch, **quantizer_snapshot(self.raw_model)},
+                self.log.log("quantizers", {"epoch": metrics["epoch"], **quantizer_snapshot(self.raw_model)},
                              step=s.step_offset + s.step)
             if self.dist.is_main:
-                print(f"[{self.name}] epoch {s.epoch}/{s.epochs}: train loss {metrics['train/loss']:.4f} "
-                      f"top-1 {metrics['train/top1']:.2f} | val top-1 {metrics['val/top1']:.2f} "
-                      f"top-5 {metrics['val/top5']:.2f} | {metrics['train/images_per_s']:,.0f} img/s",
-                      flush=True)
+                print(f"[{self.name}] epoch {metrics['epoch']}/{s.epochs}{'' if complete else ' (stopped)'}: "
+                      f"train loss {metrics['train/loss']:.4f} top-1 {metrics['train/top1']:.2f} | "
+                      f"val top-1 {metrics['val/top1']:.2f} top-5 {metrics['val/top5']:.2f} | "
+                      f"{metrics['train/images_per_s']:,.0f} img/s", flush=True)
             self.save()
             last = metrics
+            if not complete:
+                break
         return last
 
 
-def _final_eval(stage: _Stage) -> dict:
+def _final_eval(stage: _Stage, last: dict) -> dict:
+    """The metrics of the stage's last evaluation (evaluating now if it ran none this time)."""
+    if last:
+        return last
     if stage.state.history:
         return stage.state.history[-1]
     return evaluate(stage.model, stage.bundle.val, stage.runtime, stage.dist)
@@ -238,9 +245,9 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
             if resume_stage == "fp":
                 fp.load(ckpt)
                 ckpt = None
-            fp.train()
+            fp_last = fp.train()
             stages.append(fp)
-            summary["fp_top1"] = _final_eval(fp)["val/top1"]
+            summary["fp_top1"] = _final_eval(fp, fp_last)["val/top1"]
             if quantized and dist.is_main:
                 atomic_torch_save(run_dir / "checkpoints" / "fp.pt", {"model": model.state_dict()})
 
@@ -264,7 +271,7 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
             if ckpt is not None:
                 qat.load(ckpt)
                 summary["fp_top1"] = qat.state.fp_top1
-            qat.train()
+            qat_last = qat.train()
             stages.append(qat)
     except BaseException as err:
         summary["status"] = "failed"
@@ -275,7 +282,7 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
         raise
 
     final = stages[-1]
-    last = _final_eval(final)
+    last = _final_eval(final, qat_last if quantized else fp_last)
     seconds = sum(s.state.train_seconds for s in stages)
     images = sum(s.state.images_seen for s in stages)
     stopped = cfg.trainer.max_steps is not None and final.state.epoch < final.state.epochs

@@ -1,0 +1,39 @@
+"""Shared test helpers: compose the real Hydra config and shrink it, as users' smoke runs do."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from nulsq.config import register_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+register_schema()
+
+
+def compose_config(overrides: list[str] | None = None, logger: str = "none"):
+    """The config `python train.py <overrides>` would run, with W&B off unless asked."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"logger={logger}", *(overrides or [])])
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """Overrides for a seconds-long CPU run on synthetic data writing into tmp_path."""
+
+    def make(*extra: str, out: Path | None = None) -> list[str]:
+        return [
+            "dataset=synthetic", "dataset.num_train=64", "dataset.num_val=32",
+            "dataset.batch_size=16", "dataset.image_size=16",
+            "trainer.device=cpu", "trainer.log_interval=2", "init.batches=2",
+            f"trainer.output_dir={out or tmp_path / 'run'}", *extra,
+        ]
+
+    return make

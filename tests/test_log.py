@@ -1,0 +1,252 @@
+"""Run logging: metrics.jsonl, the W&B mirror (read back with W&B's own record reader), snapshots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nulsq.errors import UserError
+from nulsq.log import build_logger, quantizer_snapshot, read_metrics
+from nulsq.log.wandb_run import has_api_key, resolve_mode
+from nulsq.quant.base import Quantizer
+
+REPO = Path(__file__).resolve().parents[1]
+DISABLED = {"wandb": {"mode": "disabled"}}
+
+
+class StepQ(Quantizer):
+    """A tiny hand-written quantizer: unsigned, learnable steps, levels at their running sums."""
+
+    kind = "test_steps"
+
+    def __init__(self, steps: list[float], role: str = "act") -> None:
+        super().__init__(bits=2, signed=False, role=role)
+        self.steps = nn.Parameter(torch.tensor(steps))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def step_sizes(self) -> torch.Tensor:
+        return self.steps
+
+    def levels(self) -> torch.Tensor:
+        return torch.cat([torch.zeros(1), torch.cumsum(self.steps, 0)])
+
+
+class FixedQ(Quantizer):
+    """No learnable steps (like a dynamic max quantizer): steps None, fixed levels."""
+
+    kind = "test_fixed"
+
+    def __init__(self) -> None:
+        super().__init__(bits=2, signed=True, role="weight")
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def levels(self) -> torch.Tensor:
+        return torch.tensor([-1.0, -0.5, 0.0, 0.5], dtype=torch.float64)
+
+
+def tiny_model() -> nn.Module:
+    body = nn.Sequential(nn.Linear(3, 3), StepQ([0.25, 0.5, 1.0]))
+    body.add_module("wq", FixedQ())
+    wrapper = nn.Module()
+    wrapper.module = body  # the attribute name DDP uses: "module." must not reach the layer names
+    return wrapper
+
+
+# -- metrics.jsonl ---------------------------------------------------------------------------------
+def test_jsonl_round_trip_torn_line_and_resume(tmp_path: Path) -> None:
+    start = time.time()
+    logger = build_logger(DISABLED, tmp_path, {}, {})
+    assert logger.wandb_id is None
+    logger.log("step", {"loss": torch.tensor(1.5), "lr/weights": np.float32(0.25), "epoch": 0.5}, step=3)
+    # Line-buffered: the event is on disk before anything is closed.
+    on_disk = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(on_disk) == 1 and json.loads(on_disk[0])["loss"] == 1.5
+    logger.log("epoch", {"epoch": 1, "stage": "qat", "val/top1": 12.5}, step=4)
+    logger.finish({"best_top1": 12.5})
+
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["event"] for r in records] == ["step", "epoch", "summary"]
+    assert records[0] | {"time": 0} == {"event": "step", "step": 3, "time": 0, "loss": 1.5,
+                                         "lr/weights": 0.25, "epoch": 0.5}
+    assert records[1]["stage"] == "qat" and records[1]["val/top1"] == 12.5
+    assert records[2]["best_top1"] == 12.5 and records[2]["step"] == 4
+    assert all(start - 1 <= r["time"] <= time.time() + 1 for r in records)
+
+    # A kill mid-write leaves a torn last line: readers skip it ...
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"event": "step", "st')
+    assert read_metrics(tmp_path / "metrics.jsonl") == records
+    # ... and a resumed run cuts it off before appending, so every line stays valid JSON.
+    resumed = build_logger(DISABLED, tmp_path, {}, {})
+    resumed.log("step", {"loss": 0.75}, step=5)
+    resumed.finish({})
+    again = read_metrics(tmp_path / "metrics.jsonl")
+    assert again[:3] == records and again[3]["loss"] == 0.75 and len(again) == 5
+
+
+def test_corrupt_middle_line_and_missing_file_are_user_errors(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "step"}\nnot json\n{"event": "epoch"}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:2"):
+        read_metrics(path)
+    with pytest.raises(UserError, match="no metrics file"):
+        read_metrics(tmp_path / "absent.jsonl")
+
+
+def test_other_ranks_get_a_no_op_logger(tmp_path: Path) -> None:
+    logger = build_logger({"wandb": {"mode": "offline"}}, tmp_path, {}, {}, rank=1)
+    logger.log("step", {"loss": 1.0}, step=1)
+    logger.finish({})
+    assert logger.wandb_id is None and not any(tmp_path.iterdir())
+
+
+def test_disabled_mode_never_imports_wandb(tmp_path: Path) -> None:
+    script = (
+        "import sys; from pathlib import Path; from nulsq.log import build_logger\n"
+        f"lg = build_logger({{'wandb': {{'mode': 'disabled'}}}}, Path({str(tmp_path)!r}), {{}}, {{}})\n"
+        "lg.log('step', {'loss': 1.0}, step=1); lg.finish({})\n"
+        "assert 'wandb' not in sys.modules, 'wandb was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == 1.0
+
+
+# -- choosing the W&B mode -------------------------------------------------------------------------
+@pytest.fixture
+def no_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("WANDB_API_KEY", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+def test_mode_resolution(no_credentials: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    assert not has_api_key()
+    assert resolve_mode(None) == "offline"
+    with caplog.at_level(logging.WARNING, logger="nulsq.log.wandb_run"):
+        assert resolve_mode("online") == "offline"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "offline" in warnings[0] and "\n" not in warnings[0]
+    assert resolve_mode("disabled") == "disabled" and resolve_mode("offline") == "offline"
+    with pytest.raises(UserError, match="valid: online, offline, disabled"):
+        resolve_mode("onlin")
+    with pytest.raises(UserError, match="logger.wandb.projet"):
+        build_logger({"wandb": {"mode": "disabled", "projet": "x"}}, no_credentials, {}, {})
+
+    netrc = no_credentials / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    netrc.chmod(0o600)
+    assert has_api_key() and resolve_mode(None) == "online" and resolve_mode("online") == "online"
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    assert resolve_mode(None) == "online"
+
+
+def test_wandb_init_failure_degrades_to_jsonl(tmp_path: Path, monkeypatch, caplog) -> None:
+    import wandb
+
+    def broken_init(**kwargs):
+        raise RuntimeError("service unreachable\nsecond line")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    with caplog.at_level(logging.WARNING, logger="nulsq.log.wandb_run"):
+        logger = build_logger({"wandb": {"mode": "offline"}}, tmp_path, {}, {})
+    assert logger.wandb_id is None
+    assert any("service unreachable" in r.getMessage() and "\n" not in r.getMessage()
+               for r in caplog.records)
+    logger.log("step", {"loss": 2.0}, step=1)
+    logger.finish({})
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == 2.0
+
+
+# -- quantizer snapshots ---------------------------------------------------------------------------
+def test_quantizer_snapshot_lists_every_quantizer() -> None:
+    snap = quantizer_snapshot(tiny_model())
+    assert snap == {"layers": {
+        "1": {"kind": "test_steps", "role": "act", "bits": 2, "signed": False,
+              "steps": [0.25, 0.5, 1.0], "levels": [0.0, 0.25, 0.75, 1.75]},
+        "wq": {"kind": "test_fixed", "role": "weight", "bits": 2, "signed": True,
+               "steps": None, "levels": [-1.0, -0.5, 0.0, 0.5]},
+    }}
+    json.dumps(snap)  # plain Python: goes to metrics.jsonl as is
+
+
+# -- an offline W&B run, read back with W&B's own transaction-log reader ---------------------------
+def wandb_records(wandb_file: Path, *extra: str) -> str:
+    """`wandb leet inspect --json`: W&B's reader of the .wandb record log (this wandb version has
+    no Python datastore module; the reader ships in its wandb-core binary)."""
+    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", *extra,
+                             str(wandb_file)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_offline_wandb_run_is_readable(tmp_path: Path, monkeypatch, capsys, caplog) -> None:
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    meta = {"experiment": "table5_resnet18_2bit", "table": "5", "model": "resnet18",
+            "method": "nulsq_a", "bits": 2, "seed": 0}
+    run_dir = tmp_path / "run"
+    logger = build_logger({"wandb": {"mode": "offline", "project": "nulsq-test"}}, run_dir,
+                          {"quantizer": {"name": "nulsq_a", "bits": 2}}, meta, resume_id="abcd1234")
+    assert logger.wandb_id == "abcd1234"
+    logger.log("init", {"method": "mse", "batches": 2, **quantizer_snapshot(tiny_model())}, step=0)
+    logger.log("step", {"loss": 2.5, "lr/weights": 0.1, "lr/quant": 0.001, "epoch": 0.5}, step=1)
+    logger.log("step", {"loss": 2.0, "lr/weights": 0.05, "lr/quant": 0.0005, "epoch": 1.0}, step=2)
+    logger.log("epoch", {"epoch": 1, "stage": "qat", "train/loss": 2.2, "val/top1": 31.5}, step=2)
+    logger.log("quantizers", {"epoch": 1, **quantizer_snapshot(tiny_model())}, step=2)
+    logger.log("step", {"loss": 9.0}, step=1)  # W&B rows never go back: JSONL only
+    logger.finish({"best_top1": 31.5})
+    assert len(read_metrics(run_dir / "metrics.jsonl")) == 7  # JSONL keeps everything
+
+    wandb_files = list(run_dir.glob("wandb/offline-run-*/run-abcd1234.wandb"))
+    assert len(wandb_files) == 1
+    printed = capsys.readouterr().out
+    assert printed.count("wandb sync") == 1 and f"wandb sync {wandb_files[0].parent}" in printed
+
+    records = [json.loads(line) for line in wandb_records(wandb_files[0]).splitlines()]
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert run["run_id"] == "abcd1234" and run["project"] == "nulsq-test"
+    assert run["run_group"] == "table5_resnet18_2bit" and run["display_name"] == "resnet18-nulsq_a-2-0"
+    assert set(run["tags"]) == {"table:5", "model:resnet18", "method:nulsq_a", "bits:2", "seed:0"}
+    assert run["config"]["update"]["quantizer"] == {"name": "nulsq_a", "bits": 2}
+
+    history = {r["history"]["step"].get("num", 0): r["history"]["item"]
+               for r in records if r["type"] == "history"}
+    assert history[0]["init/method"] == "mse" and history[0]["init/batches"] == 2
+    assert history[0]["levels/1/3"] == 1.75 and "init/layers/1/kind" not in history[0]
+    assert history[1]["loss"] == 2.5 and history[1]["lr/quant"] == 0.001
+    assert sum("steps must not decrease" in r.getMessage() for r in caplog.records) == 1
+    last = history[2]  # step, epoch and quantizer events of step 2 share one W&B row
+    assert last["loss"] == 2.0 and last["epoch"] == 1
+    # Epoch metrics carry their stage (epochs restart per stage), and are plotted against "epoch".
+    assert last["qat/val/top1"] == 31.5 and last["qat/train/loss"] == 2.2 and "val/top1" not in last
+    assert [last[f"levels/1/{i}"] for i in range(4)] == [0.0, 0.25, 0.75, 1.75]
+    assert [last[f"levels/wq/{i}"] for i in range(4)] == [-1.0, -0.5, 0.0, 0.5]
+    assert last["quantizers/1/steps._type"] == "histogram"
+    assert sum(last["quantizers/1/steps.values"]) == 3 and sum(last["quantizers/wq/levels.values"]) == 4
+    assert "quantizers/wq/steps._type" not in last  # no learnable steps, no histogram
+    assert last["quantizers/steps_table._type"] == "table-file" and last["quantizers/steps_table.nrows"] == 3
+
+    metrics = {m["metric"]["name"]: m["metric"] for m in records if m["type"] == "metric"}
+    assert metrics["qat/val/top1"]["step_metric"] == "epoch"
+    assert metrics["qat/train/loss"]["step_metric"] == "epoch" and "loss" not in metrics
+
+    summary = json.loads(wandb_records(wandb_files[0], "--summary"))
+    assert summary["summary"]["best_top1"] == 31.5 and summary["state"] == "finished"

@@ -9,7 +9,7 @@ from nulsq.quant import quantize_model
 
 
 def build_model(cfg, num_classes: int, quantized: bool, verbose: bool = True,
-                load_pretrained: bool = True) -> tuple[nn.Module, object]:
+                load_pretrained: bool = True, image_size: int | None = None) -> tuple[nn.Module, object]:
     """(model, spec): `cfg.model` built for `num_classes`, converted by `cfg.quantizer` if asked.
 
     Args:
@@ -18,8 +18,13 @@ def build_model(cfg, num_classes: int, quantized: bool, verbose: bool = True,
         quantized: swap Conv2d/Linear for quantized twins per `cfg.quantizer`.
         verbose: print the quantizer table.
         load_pretrained: honour `cfg.model.pretrained` (off when a checkpoint will overwrite it).
+        image_size: the data's image side, used when `cfg.model.input_size` is null.
     """
-    model_cfg = cfg.model if load_pretrained else {**cfg.model, "pretrained": False}
+    model_cfg = {**cfg.model}
+    if not load_pretrained:
+        model_cfg["pretrained"] = False
+    if model_cfg.get("input_size") is None and image_size is not None:
+        model_cfg["input_size"] = image_size
     model = models.build(model_cfg, num_classes)
     spec = models.MODELS.get(cfg.model.name)
     if quantized:

@@ -147,6 +147,6 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     cfg = OmegaConf.load(cfg_path)
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     model, _ = build_model(cfg, num_classes=ckpt["num_classes"], quantized=ckpt["stage"] == "qat",
-                           verbose=False, load_pretrained=False)
+                           verbose=False, load_pretrained=False, image_size=ckpt.get("image_size"))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), cfg

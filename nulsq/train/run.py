@@ -99,17 +99,14 @@ def _wrap(model: nn.Module, runtime: Runtime, dist: D.DistInfo, sync_bn: bool) -
 class _Stage:
     """One training stage (FP pretraining or QAT) with its optimizers, schedule and checkpoints."""
 
-    def __init__(self, name, cfg, model, bundle, runtime, dist, log, run_dir, optim_cfg, epochs,
-                 fingerprint, step_offset=0):
+    def __init__(self, name, cfg, model, bundle, runtime, dist, log, run_dir, optim_cfg, sched_cfg,
+                 epochs, fingerprint, step_offset=0):
         self.name, self.cfg, self.raw_model = name, cfg, model
         self.bundle, self.runtime, self.dist, self.log, self.run_dir = bundle, runtime, dist, log, run_dir
         self.fingerprint = fingerprint
         self.optimizers = build_optimizers(model, optim_cfg)
-        self.schedulers = build_schedulers(self.optimizers, cfg.schedule if name == "qat" else
-                                           OmegaConf.create({"name": "cosine",
-                                                             "warmup_epochs": cfg.pretrain.warmup_epochs,
-                                                             "warmup_lr": 0.0}),
-                                           optim_cfg, len(bundle.train), epochs)
+        self.schedulers = build_schedulers(self.optimizers, sched_cfg, optim_cfg, len(bundle.train),
+                                           epochs)
         self.state = StageState(name, epochs, len(bundle.train))
         self.ctx = StepContext(runtime, dist, self.optimizers, self.schedulers, log,
                                cfg.trainer.log_interval, cfg.trainer.max_steps,
@@ -139,6 +136,7 @@ class _Stage:
             "rng": rng_state(),
             "fingerprint": self.fingerprint,
             "num_classes": self.bundle.num_classes,
+            "image_size": self.bundle.image_size,
             "wandb_id": self.log.wandb_id,
         })
 
@@ -228,7 +226,7 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
     stages: list[_Stage] = []
     try:
         model, _ = build_model(cfg, bundle.num_classes, quantized=False, verbose=False,
-                               load_pretrained=ckpt is None)
+                               load_pretrained=ckpt is None, image_size=bundle.image_size)
         model = model.to(runtime.device)
         if runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -236,12 +234,16 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
         # Stage 1: full-precision pretraining inside this run (the embedded demo).
         fp_epochs = cfg.pretrain.epochs if quantized else cfg.trainer.epochs
         if fp_epochs > 0 and resume_stage in (None, "fp"):
-            optim_cfg = cfg.optim if not quantized else OmegaConf.create({
-                "weights": {**cfg.optim.weights, "lr": cfg.pretrain.lr,
-                            "weight_decay": cfg.pretrain.weight_decay},
-                "quant": cfg.optim.quant})
-            fp = _Stage("fp", cfg, model, bundle, runtime, dist, log, run_dir, optim_cfg, fp_epochs,
-                        fingerprint)
+            optim_cfg, sched_cfg = cfg.optim, cfg.schedule
+            if quantized:  # the demo's FP stage has its own lr, weight decay and warm-up
+                optim_cfg = OmegaConf.create({
+                    "weights": {**cfg.optim.weights, "lr": cfg.pretrain.lr,
+                                "weight_decay": cfg.pretrain.weight_decay},
+                    "quant": cfg.optim.quant})
+                sched_cfg = OmegaConf.create({"name": "cosine", "warmup_lr": 0.0,
+                                              "warmup_epochs": cfg.pretrain.warmup_epochs})
+            fp = _Stage("fp", cfg, model, bundle, runtime, dist, log, run_dir, optim_cfg, sched_cfg,
+                        fp_epochs, fingerprint)
             if resume_stage == "fp":
                 fp.load(ckpt)
                 ckpt = None
@@ -262,11 +264,12 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
                            cfg.init.method, verbose=dist.is_main and ckpt is None)
             if runtime.channels_last:
                 model = model.to(memory_format=torch.channels_last)
+            fp_steps = stages[0].state.step if stages else 0
             if ckpt is None:
-                _init_steps(cfg, model, bundle, dist, log)
+                _init_steps(cfg, model, bundle, dist, log, step=fp_steps)
             qat = _Stage("qat", cfg, model, bundle, runtime, dist, log, run_dir, cfg.optim,
-                         cfg.trainer.epochs, fingerprint,
-                         step_offset=stages[0].state.step if stages else 0)
+                         cfg.schedule, cfg.trainer.epochs, fingerprint,
+                         step_offset=fp_steps)
             qat.state.fp_top1 = summary.get("fp_top1")
             if ckpt is not None:
                 qat.load(ckpt)
@@ -310,7 +313,7 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
     return summary
 
 
-def _init_steps(cfg: DictConfig, model: nn.Module, bundle, dist: D.DistInfo, log) -> None:
+def _init_steps(cfg: DictConfig, model: nn.Module, bundle, dist: D.DistInfo, log, step: int) -> None:
     """Initial step sizes: merged from a (b+1)-bit run, or observed on training batches."""
     if cfg.init.from_run:
         load_progressive(model, cfg.init.from_run)
@@ -322,4 +325,4 @@ def _init_steps(cfg: DictConfig, model: nn.Module, bundle, dist: D.DistInfo, log
             seen = initialize_quantizers(model, bundle.train, cfg.init.batches)
         note = {"method": cfg.init.method, "batches": seen}
     D.broadcast_state(model, dist)
-    log.log("init", {**note, **quantizer_snapshot(model)}, step=0)
+    log.log("init", {**note, **quantizer_snapshot(model)}, step=step)

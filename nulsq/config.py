@@ -96,6 +96,7 @@ class ScheduleConfig:
 class InitConfig:
     method: str = "mse"  # lsq | mse | mse_search
     batches: int = 100
+    reduce: str = "max"  # max (authors' code) | mean (supplement D-III LSQ init over 1,000 batches)
     from_run: Optional[str] = None  # progressive: a (b+1)-bit run directory or checkpoint
 
 

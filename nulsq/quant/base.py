@@ -22,6 +22,7 @@ from nulsq.errors import UserError
 from nulsq.registry import Registry
 
 QUANTIZERS: Registry[type["Quantizer"]] = Registry("quantizer kind")
+INIT_REDUCTIONS = ("max", "mean")
 
 
 def signed_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -40,6 +41,8 @@ class Quantizer(nn.Module):
         role: "weight" or "act"; decides the element count N of LSQ's gradient scale.
         grad_scale: "none" (scale 1) or "lsq" (1/sqrt(N*Qp), Esser et al.).
         init_method: name of the initialiser in `nulsq.quant.init` used by `observe`.
+        init_reduce: how per-batch initial values combine: "max" (the authors' code) or "mean"
+            (supplement D-III: the mean over the first 1,000 batches).
     """
 
     supported_bits: ClassVar[tuple[int, ...]] = tuple(range(2, 9))
@@ -52,6 +55,7 @@ class Quantizer(nn.Module):
         role: str,
         grad_scale: str = "none",
         init_method: str = "lsq",
+        init_reduce: str = "max",
     ) -> None:
         super().__init__()
         if bits not in self.supported_bits:
@@ -63,6 +67,9 @@ class Quantizer(nn.Module):
             raise ValueError(f"role must be 'weight' or 'act', got {role!r}")
         if grad_scale not in ("none", "lsq"):
             raise UserError(f"unknown quantizer.grad_scale '{grad_scale}'; valid: lsq, none")
+        if init_reduce not in INIT_REDUCTIONS:
+            raise UserError(f"unknown init.reduce '{init_reduce}'; valid: {', '.join(INIT_REDUCTIONS)}")
+        self.init_reduce = init_reduce
         self.bits = bits
         self.signed = signed
         self.role = role

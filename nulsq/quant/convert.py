@@ -48,7 +48,8 @@ class LayerPlan:
     act: str
 
 
-def _make(role_cfg, bits: int, signed: bool, role: str, qcfg, init_method: str) -> Quantizer:
+def _make(role_cfg, bits: int, signed: bool, role: str, qcfg, init_method: str,
+          init_reduce: str) -> Quantizer:
     cls = QUANTIZERS.get(role_cfg["kind"])
     return cls(
         bits=bits,
@@ -56,6 +57,7 @@ def _make(role_cfg, bits: int, signed: bool, role: str, qcfg, init_method: str) 
         role=role,
         grad_scale=qcfg.grad_scale,
         init_method=init_method,
+        init_reduce=init_reduce,
         **dict(role_cfg.get("args") or {}),
     )
 
@@ -70,6 +72,7 @@ def quantize_model(
     signed_activations: bool = False,
     init_method: str = "lsq",
     verbose: bool = True,
+    init_reduce: str = "max",
 ) -> list[LayerPlan]:
     """Replace, in place, every Conv2d/Linear of `model` by its quantized twin.
 
@@ -79,6 +82,7 @@ def quantize_model(
             signed_act).
         signed_activations: the model's default for activation signedness (ModelSpec).
         init_method: step initialiser name used while observing (`init.method`).
+        init_reduce: "max" or "mean" over the observed batches (`init.reduce`).
         verbose: print the table of which layer got which quantizer.
 
     Returns:
@@ -107,8 +111,8 @@ def quantize_model(
             bits = 8
         else:
             wq_cfg, aq_cfg, bits = qcfg.weight, qcfg.act, qcfg.bits
-        wq = _make(wq_cfg, bits, True, "weight", qcfg, init_method) if wq_cfg else nn.Identity()
-        aq = _make(aq_cfg, bits, act_signed, "act", qcfg, init_method) if aq_cfg else nn.Identity()
+        wq = _make(wq_cfg, bits, True, "weight", qcfg, init_method, init_reduce) if wq_cfg else nn.Identity()
+        aq = _make(aq_cfg, bits, act_signed, "act", qcfg, init_method, init_reduce) if aq_cfg else nn.Identity()
         module.__class__ = _TWINS[type(module)]  # keeps the Parameters (and optimizer refs) as they are
         module.add_module("weight_quant", wq.to(module.weight.device))
         module.add_module("act_quant", aq.to(module.weight.device))

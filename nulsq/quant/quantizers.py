@@ -22,14 +22,19 @@ class _ObservedStep(Quantizer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.register_buffer("_init_max", torch.zeros(()), persistent=False)
+        self.register_buffer("_init_sum", torch.zeros(()), persistent=False)
+        self._init_count = 0
 
     def observe(self, x: torch.Tensor) -> None:
         step = INITS.get(self.init_method)(x.float(), self.qn, self.qp, self.signed)
         self._init_max = torch.maximum(self._init_max.to(step.device), step)
+        self._init_sum = self._init_sum.to(step.device) + step
+        self._init_count += 1
 
     def initial_step(self) -> torch.Tensor:
+        step = self._init_max if self.init_reduce == "max" else self._init_sum / max(self._init_count, 1)
         # A layer that saw only zeros would get step 0: keep it positive so the guard stays quiet.
-        return self._init_max.clamp_min(1e-8)
+        return step.clamp_min(1e-8)
 
 
 @QUANTIZERS.register("lsq")

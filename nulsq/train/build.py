@@ -26,7 +26,12 @@ def build_model(cfg, num_classes: int, quantized: bool, verbose: bool = True,
     if model_cfg.get("input_size") is None and image_size is not None:
         model_cfg["input_size"] = image_size
     model = models.build(model_cfg, num_classes)
-    spec = models.MODELS.get(cfg.model.name)
     if quantized:
-        quantize_model(model, cfg.quantizer, spec.signed_activations, cfg.init.method, verbose)
-    return model, spec
+        quantize(model, cfg, verbose)
+    return model, models.MODELS.get(cfg.model.name)
+
+
+def quantize(model: nn.Module, cfg, verbose: bool = True) -> None:
+    """Convert `model` in place as `cfg.quantizer` and `cfg.init` say (see quantize_model)."""
+    quantize_model(model, cfg.quantizer, models.MODELS.get(cfg.model.name).signed_activations,
+                   cfg.init.method, verbose, cfg.init.reduce)

@@ -12,20 +12,7 @@ import torch
 from torch import nn
 
 from nulsq.quant.base import Quantizer
-
-# Wrappers add these prefixes to module names; dropping them keeps layer names identical between
-# single-GPU, DDP and torch.compile runs, so their curves overlay in W&B.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _layer_name(name: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix) :], True
-    return name
+from nulsq.module_names import strip_wrappers
 
 
 def _to_lists(tensors: list[torch.Tensor]) -> list[list[float]]:
@@ -54,7 +41,7 @@ def quantizer_snapshot(model: nn.Module) -> dict[str, Any]:
         {"layers": {module_name: {"kind", "role", "bits", "signed", "steps": list[float] | None,
         "levels": list[float]}}}, in module order.
     """
-    quantizers = [(_layer_name(n), m) for n, m in model.named_modules() if isinstance(m, Quantizer)]
+    quantizers = [(strip_wrappers(n), m) for n, m in model.named_modules() if isinstance(m, Quantizer)]
     with torch.no_grad():
         steps = [q.step_sizes() for _, q in quantizers]
         levels = [q.levels() for _, q in quantizers]

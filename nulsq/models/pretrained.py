@@ -18,6 +18,7 @@ from torch import nn
 
 from nulsq.errors import UserError
 from nulsq.registry import Registry
+from nulsq.module_names import strip_wrappers
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 # present wins (timm's train.py writes both "state_dict" and "state_dict_ema").
 NESTING_KEYS = ("state_dict", "model", "state_dict_ema")
 # Wrappers that rename every key: DistributedDataParallel and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # How many offending keys an error message shows per kind.
 SHOWN_KEYS = 3
 
@@ -59,16 +59,6 @@ def classifier_name(model: nn.Module) -> str | None:
     return names[-1] if names else None
 
 
-def _strip_wrappers(key: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key
-
-
 def _unwrap(obj: Any, path: Path) -> StateDict:
     if isinstance(obj, Mapping):
         for key in NESTING_KEYS:
@@ -82,7 +72,7 @@ def _unwrap(obj: Any, path: Path) -> StateDict:
             f"pretrained weights file {path} holds no state dict (expected a mapping of tensors, "
             f"bare or under one of {', '.join(NESTING_KEYS)}); point model.pretrained at a weights file"
         )
-    return {_strip_wrappers(str(k)): v for k, v in obj.items()}
+    return {strip_wrappers(str(k)): v for k, v in obj.items()}
 
 
 def read_state_dict(path: str | Path) -> StateDict:

@@ -6,11 +6,22 @@
     torchrun --nproc_per_node=8 train.py +experiment=tableD_preresnet34_3bit
 """
 
+import os
+import sys
+import warnings
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from nulsq.cli import report_user_errors
+from nulsq.cli import check_group_choices, rank_overrides, report_user_errors
 from nulsq.config import register_schema
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# configs/hydra/launcher/submitit_slurm.yaml shares its name with the plugin's schema, so Hydra
+# validates it against that schema (wanted: a mistyped launcher key fails) and warns that this
+# matching is deprecated; the file lists every key, so it keeps working without the schema.
+warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema")
 
 register_schema()
 
@@ -24,4 +35,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # Before Hydra parses: an unknown group option is one line, and torchrun ranks > 0 keep
+    # their Hydra output out of the run directories.
+    report_user_errors(lambda: check_group_choices(sys.argv[1:], CONFIG_DIR))
+    sys.argv = rank_overrides(sys.argv, os.environ)
     main()

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from nulsq.config import register_schema
@@ -22,6 +23,16 @@ def compose_config(overrides: list[str] | None = None, logger: str = "none"):
     """The config `python train.py <overrides>` would run, with W&B off unless asked."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=[f"logger={logger}", *(overrides or [])])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for tiny CPU jobs: thread start-up costs more than it saves there, and
+    on a shared 2-core machine OpenMP's spin-waiting costs 5-10x the CPU time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -324,13 +324,6 @@ def tiny(name: str, out: Path, *extra: str) -> list[str]:
             "trainer.log_interval=1", f"trainer.output_dir={out}", *extra]
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    # tiny tensors: thread start-up costs more than it saves, and CI shares 2 cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

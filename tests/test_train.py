@@ -16,6 +16,8 @@ from nulsq.train.optim import lr_factor
 
 from conftest import compose_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_warmup_then_cosine_matches_hand_computation():
     # Supplement C-II: lr rises linearly from 1e-5 to 4e-2 over 10 epochs, then cosine to zero.
@@ -66,8 +68,8 @@ def _final_weights(path):
     return torch.load(path, weights_only=False)["model"]
 
 
-# 4 steps per epoch; max_steps counts per stage: (FP epoch, then QAT cut mid-epoch 2) and (QAT only)
-@pytest.mark.parametrize("pretrain, stop_at", [(1, 5), (0, 3)])
+# 4 steps per epoch; max_steps counts per stage: QAT cut mid-epoch 2, FP cut mid-epoch, QAT only
+@pytest.mark.parametrize("pretrain, stop_at", [(1, 5), (1, 3), (0, 3)])
 def test_resume_after_stop_reproduces_uninterrupted_run(tiny_run, tmp_path, pretrain, stop_at):
     common = ("trainer.epochs=2", f"pretrain.epochs={pretrain}", "quantizer=nulsq_a", "trainer.seed=3")
     run(compose_config(tiny_run(*common, out=tmp_path / "full")))
@@ -92,11 +94,12 @@ def test_resume_refuses_checkpoint_of_another_config(tiny_run, tmp_path):
 
 
 def test_typo_in_a_key_fails_with_the_key_named():
-    cfg = compose_config([])
-    OmegaConf.set_struct(cfg, False)
-    cfg.trainer.epochz = 3
     with pytest.raises(UserError, match="trainer.epochz"):
-        validate(cfg)
+        validate({"trainer": {"epochz": 3}})
+    with pytest.raises(UserError, match="optim.quant.lr"):
+        validate({"optim": {"quant": {"lr": "fast"}}})
+    with pytest.raises(Exception, match="epochz"):  # on the command line, Hydra refuses it first
+        compose_config(["trainer.epochz=3"])
 
 
 @pytest.mark.parametrize("override, message", [

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,18 +28,55 @@ _RESUME_FREE_KEYS = ("trainer.resume", "trainer.max_steps", "trainer.output_dir"
                      "dataset.root", "init.from_run", "model.pretrained", "model.cache_dir")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new temp file in `path`'s folder (same filesystem, so the final rename is atomic),
+    readable like any file the user creates (mkstemp alone would make it owner-only)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temp files a killed writer of `path` left behind (SIGKILL runs no cleanup)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, write) -> None:
+    """`write(file)` into a temp file, fsync, then rename it over `path`; on any failure (or
+    KeyboardInterrupt) the temp file is removed and `path` is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _write_atomically(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -49,22 +87,37 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`; the previous
-    file is kept as `<name>.prev` so a crash during the rename never leaves no checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _keep_previous(path: Path) -> None:
+    """Make `<name>.prev` a copy of `path` while `path` itself stays in place, so that at every
+    instant `path` exists and is complete (a kill between two renames cannot lose it)."""
+    if not path.exists():
+        return
+    prev = path.with_name(path.name + ".prev")
+    fd, tmp = _temp_beside(prev)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.replace(path, path.with_name(path.name + ".prev"))
-        os.replace(tmp, path)
+        try:
+            os.unlink(tmp)
+            os.link(path, tmp)  # a hard link: no copy of a large file
+        except OSError:  # filesystems without hard links
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, prev)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    """torch.save `obj` to `path` atomically (temp file in the same folder, fsync, rename).
+
+    The file being replaced is kept as `<name>.prev`, and `path` is never missing nor partly
+    written, whenever the process dies; temp files of an earlier killed write are removed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    remove_stale_temps(path.with_name(path.name + ".prev"))
+    _keep_previous(path)
+    _write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def config_fingerprint(cfg) -> str:
@@ -91,7 +144,11 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict | list, rank: int = 0) -> None:
+    """Restore RNG states saved by `rng_state`: one dict, or one per DDP rank (this rank's is
+    used; a job resumed with more ranks than it was saved with gives the new ranks rank 0's)."""
+    if isinstance(state, list):
+        state = state[rank] if rank < len(state) else state[0]
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -106,19 +163,35 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001  (any unpickling failure means a corrupt file)
+        prev = path.with_name(path.name + ".prev")
+        fix = f"resume from the one before with trainer.resume={prev}" if prev.is_file() else (
+            "point trainer.resume at another one")
         raise UserError(
             f"checkpoint {path} is corrupt or not a torch file ({type(err).__name__}); "
-            f"delete it or point trainer.resume at another one"
+            f"delete it, or {fix}"
         ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "fingerprint" not in ckpt:
         raise UserError(f"{path} is not a nulsq training checkpoint (no model/fingerprint entry)")
     return ckpt
 
 
-def find_resume(resume: str | None, run_dir: Path) -> Path | None:
+def _same_config(run_dir: Path, fingerprint: str | None) -> bool:
+    """Whether the run in `run_dir` was made with a config of this fingerprint (None: any)."""
+    if fingerprint is None:
+        return True
+    cfg_path = run_dir / "config.yaml"
+    try:
+        return cfg_path.is_file() and config_fingerprint(OmegaConf.load(cfg_path)) == fingerprint
+    except Exception:  # noqa: BLE001  (an unreadable config.yaml is simply not this run's)
+        return False
+
+
+def find_resume(resume: str | None, run_dir: Path, fingerprint: str | None = None) -> Path | None:
     """The checkpoint `trainer.resume` points at: null -> none; a path -> that file (or a run
     directory's checkpoints/last.pt); auto -> this run directory's last.pt, else the newest
-    unfinished sibling run (same experiment, method, bits and seed) that has one."""
+    unfinished sibling run (same experiment, method, bits and seed) that has one and, when
+    `fingerprint` is given, the same config (a sibling stopped by a NaN loss and rerun with a
+    lower lr is a different run, not one to continue)."""
     if resume in (None, "", "none", "null"):
         return None
     if resume != "auto":
@@ -131,7 +204,7 @@ def find_resume(resume: str | None, run_dir: Path) -> Path | None:
     for sibling in run_dir.parent.glob("*/checkpoints/last.pt") if run_dir.parent.exists() else []:
         summary = sibling.parent.parent / "summary.json"
         finished = summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"
-        if not finished:
+        if not finished and _same_config(sibling.parent.parent, fingerprint):
             candidates.append(sibling)
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 

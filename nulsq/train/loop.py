@@ -25,6 +25,10 @@ class NaNLossError(UserError):
     """The training loss became NaN or infinite."""
 
 
+_NAN_ADVICE = ("stopped without checkpointing it (checkpoints/last.pt, if any, is the last good "
+               "state); lower optim.weights.lr or optim.quant.lr")
+
+
 @dataclass
 class StageState:
     """Counters of one training stage ("fp" or "qat"), saved in checkpoints."""
@@ -74,6 +78,18 @@ def _top_k_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> lis
     return [hits[:, : min(k, k_max)].any(dim=1).sum() for k in ks]
 
 
+def _mean_over_ranks(loss: torch.Tensor, dist: DistInfo) -> float:
+    """The loss averaged over ranks, so every rank sees the same NaN and stops at the same step."""
+    total = all_reduce_sum(loss.detach().float().reshape(1).clone(), dist)
+    return float(total) / dist.world_size
+
+
+def _all_finite(model: nn.Module) -> bool:
+    """True when no parameter holds NaN or inf (one host sync)."""
+    flags = [p.detach().isfinite().all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def train_epoch(model: nn.Module, raw_model: nn.Module, loader, state: StageState, ctx: StepContext) -> dict:
     """Run the rest of the current epoch (or until max_steps); returns train loss and top-1 over
     the epoch. A checkpoint taken mid-epoch resumes here: the loader's order depends only on
@@ -111,11 +127,11 @@ def train_epoch(model: nn.Module, raw_model: nn.Module, loader, state: StageStat
         state.step += 1
         window_images += batch * ctx.dist.world_size
         if state.step % ctx.log_interval == 0 or state.step == state.total_steps:
-            loss_value = float(loss.detach())  # the sync of this interval
+            loss_value = _mean_over_ranks(loss, ctx.dist)  # the sync of this interval
             if not math.isfinite(loss_value):
                 raise NaNLossError(
                     f"training loss became {loss_value} at {state.stage} step {state.step}; "
-                    f"the last good checkpoint is kept; lower the learning rates"
+                    f"{_NAN_ADVICE}"
                 )
             if ctx.step_guard == "stop":
                 check_step_sizes(raw_model)
@@ -128,12 +144,19 @@ def train_epoch(model: nn.Module, raw_model: nn.Module, loader, state: StageStat
                                  "epoch": epoch_f, **lrs}, step=state.step_offset + state.step)
             progress.update(loss_value, ips, lrs)
     elapsed = time.perf_counter() - t0
-    local = [loss_sum.item(), correct.item(), count.item()]
+    totals = all_reduce_sum(torch.stack([loss_sum, correct, count]).float(), ctx.dist).tolist()
+    loss_total, correct_total, n = totals
+    # A NaN after the last logged step must not reach the checkpoint the caller writes next.
+    if not math.isfinite(loss_total) or not _all_finite(raw_model):
+        raise NaNLossError(
+            f"training became non-finite in {state.stage} epoch {state.epoch + 1} (by step "
+            f"{state.step}); {_NAN_ADVICE}"
+        )
     done = state.steps_into_epoch >= state.steps_per_epoch
-    state.partial = [0.0, 0.0, 0.0] if done else local
+    # Rank 0 saves the checkpoint, so it keeps the sums of all ranks (other ranks restart at 0).
+    state.partial = [0.0, 0.0, 0.0] if done else totals
     state.images_seen += processed * ctx.dist.world_size
     state.train_seconds += elapsed
-    loss_total, correct_total, n = all_reduce_sum(torch.tensor(local, device=device), ctx.dist).tolist()
     return {
         "train/loss": loss_total / max(n, 1),
         "train/top1": 100.0 * correct_total / max(n, 1),

@@ -19,9 +19,9 @@ from nulsq.config import validate
 from nulsq.errors import UserError
 from nulsq.log import build_logger, quantizer_snapshot
 from nulsq.quant import initialize_quantizers
-from nulsq.quant.from_run import load_progressive
+from nulsq.quant.from_run import load_progressive, resolve_run_checkpoint
 from nulsq.train import distributed as D
-from nulsq.train.build import build_model
+from nulsq.train.build import build_model, quantize
 from nulsq.train.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text,
                                     config_fingerprint, find_resume, load_checkpoint, rng_state,
                                     set_rng_state)
@@ -67,6 +67,8 @@ def _check_values(cfg: DictConfig) -> None:
         raise UserError("pretrain.epochs must be >= 0 and pretrain.lr > 0")
     if cfg.quantizer.step_guard not in ("stop", "clamp"):
         raise UserError(f"unknown quantizer.step_guard '{cfg.quantizer.step_guard}'; valid: clamp, stop")
+    if cfg.init.from_run:  # a progressive run whose source is missing fails before any work
+        resolve_run_checkpoint(cfg.init.from_run)
     if cfg.trainer.log_interval <= 0:
         raise UserError(f"trainer.log_interval must be > 0, got {cfg.trainer.log_interval}")
 
@@ -114,6 +116,13 @@ class _Stage:
                                cfg.quantizer.step_floor)
         self.state.step_offset = step_offset
         self.model = _wrap(model, runtime, dist, cfg.trainer.sync_bn)
+        # Evaluation needs no DDP: its per-forward buffer broadcast would hang on val shards with
+        # unequal batch counts. Rank 0's buffers are broadcast once before each evaluation instead.
+        self.eval_model = model if dist.enabled else self.model
+
+    @property
+    def finished(self) -> bool:
+        return self.state.epoch >= self.state.epochs
 
     def load(self, ckpt: dict) -> None:
         self.raw_model.load_state_dict(ckpt["model"])
@@ -122,9 +131,12 @@ class _Stage:
             self.schedulers[n].load_state_dict(ckpt["schedulers"][n])
         for key, value in ckpt["state"].items():
             setattr(self.state, key, value)
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], self.dist.rank)
+        if not self.dist.is_main:  # rank 0 saved the partial epoch sums of all ranks
+            self.state.partial = [0.0, 0.0, 0.0]
 
     def save(self, path_name: str = "last.pt") -> None:
+        rng = D.gather_object(rng_state(), self.dist)  # every rank's, for an exact DDP resume
         if not self.dist.is_main:
             return
         atomic_torch_save(self.run_dir / "checkpoints" / path_name, {
@@ -133,7 +145,7 @@ class _Stage:
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             "state": dict(vars(self.state)),
-            "rng": rng_state(),
+            "rng": rng,
             "fingerprint": self.fingerprint,
             "num_classes": self.bundle.num_classes,
             "image_size": self.bundle.image_size,
@@ -149,7 +161,8 @@ class _Stage:
             self.bundle.train.set_epoch(s.epoch)
             t0 = time.perf_counter()
             metrics = train_epoch(self.model, self.raw_model, self.bundle.train, s, self.ctx)
-            metrics.update(evaluate(self.model, self.bundle.val, self.runtime, self.dist))
+            D.broadcast_buffers(self.raw_model, self.dist)
+            metrics.update(evaluate(self.eval_model, self.bundle.val, self.runtime, self.dist))
             complete = s.steps_into_epoch >= s.steps_per_epoch
             metrics.update({"epoch": s.epoch + 1, "stage": self.name, "complete": complete,
                             "epoch_time_s": time.perf_counter() - t0})
@@ -180,7 +193,7 @@ def _final_eval(stage: _Stage, last: dict) -> dict:
         return last
     if stage.state.history:
         return stage.state.history[-1]
-    return evaluate(stage.model, stage.bundle.val, stage.runtime, stage.dist)
+    return evaluate(stage.eval_model, stage.bundle.val, stage.runtime, stage.dist)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -188,8 +201,10 @@ def run(cfg: DictConfig) -> dict:
     t_start = time.time()
     cfg = validate(cfg)
     _check_values(cfg)
-    dist = D.init_distributed("cuda" if cfg.trainer.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if cfg.trainer.device != "cpu" and torch.cuda.is_available() else "cpu"
+    dist = D.init_distributed(device_type)
     try:
+        D.check_sync_bn(cfg.trainer.sync_bn, device_type, dist)
         return _run(cfg, dist, t_start)
     finally:
         D.cleanup(dist)
@@ -198,7 +213,9 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
     runtime = resolve_runtime(cfg.trainer, dist.local_rank)
     run_dir = Path(D.broadcast_object(str(_run_dir(cfg)), dist))
-    resume_path = find_resume(cfg.trainer.resume, run_dir)
+    # Rank 0 picks (siblings are ordered by mtime), so every rank resumes the same file.
+    found = find_resume(cfg.trainer.resume, run_dir, config_fingerprint(cfg))
+    resume_path = D.broadcast_object(found, dist)
     ckpt = load_checkpoint(resume_path) if resume_path else None
     if resume_path is not None:
         run_dir = resume_path.parent.parent
@@ -228,6 +245,7 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
         model, _ = build_model(cfg, bundle.num_classes, quantized=False, verbose=False,
                                load_pretrained=ckpt is None, image_size=bundle.image_size)
         model = model.to(runtime.device)
+        D.broadcast_state(model, dist)  # ranks seed differently: start every rank from rank 0's net
         if runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
 
@@ -250,18 +268,14 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
             fp_last = fp.train()
             stages.append(fp)
             summary["fp_top1"] = _final_eval(fp, fp_last)["val/top1"]
-            if quantized and dist.is_main:
+            if quantized and dist.is_main and fp.finished:
                 atomic_torch_save(run_dir / "checkpoints" / "fp.pt", {"model": model.state_dict()})
 
-        # Stage 2: quantization-aware training.
-        if quantized:
+        # Stage 2: quantization-aware training (not before a max_steps stop of stage 1 is resumed).
+        if quantized and all(stage.finished for stage in stages):
             if summary.get("fp_top1") is None and ckpt is None:
                 summary["fp_top1"] = evaluate(model, bundle.val, runtime, dist)["val/top1"]
-            from nulsq.quant import quantize_model
-            from nulsq.models import MODELS
-
-            quantize_model(model, cfg.quantizer, MODELS.get(cfg.model.name).signed_activations,
-                           cfg.init.method, verbose=dist.is_main and ckpt is None)
+            quantize(model, cfg, verbose=dist.is_main and ckpt is None)
             if runtime.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             fp_steps = stages[0].state.step if stages else 0
@@ -285,7 +299,7 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
         raise
 
     final = stages[-1]
-    last = _final_eval(final, qat_last if quantized else fp_last)
+    last = _final_eval(final, qat_last if final.name == "qat" else fp_last)
     seconds = sum(s.state.train_seconds for s in stages)
     images = sum(s.state.images_seen for s in stages)
     stopped = cfg.trainer.max_steps is not None and final.state.epoch < final.state.epochs
@@ -320,9 +334,9 @@ def _init_steps(cfg: DictConfig, model: nn.Module, bundle, dist: D.DistInfo, log
         note = {"method": "progressive", "from_run": str(cfg.init.from_run)}
     else:
         bundle.train.set_epoch(0)
-        seen = 0
-        if dist.is_main:
-            seen = initialize_quantizers(model, bundle.train, cfg.init.batches)
+        # Every rank observes the gathered global batches (what one process would see), so the
+        # steps do not depend on the number of ranks; rank 0's are then broadcast.
+        seen = initialize_quantizers(model, D.GlobalBatches(bundle.train, dist), cfg.init.batches)
         note = {"method": cfg.init.method, "batches": seen}
     D.broadcast_state(model, dist)
     log.log("init", {**note, **quantizer_snapshot(model)}, step=step)

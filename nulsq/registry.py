@@ -30,6 +30,10 @@ class Registry(Generic[T]):
 
         return add
 
+    def unregister(self, name: str) -> T:
+        """Remove and return an entry (for plugins and tests that register something temporary)."""
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         if name not in self._items:
             raise UserError(

@@ -111,9 +111,18 @@ def _events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.timeout(240)
-def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_model():
+    """The tiny model registered for this test only, so other tests see the real registry."""
     _register_tiny_model()
+    yield
+    MODELS.unregister(TINY)
+    SOURCES.unregister("test_plain")
+
+
+@pytest.mark.timeout(240)
+def test_two_process_gloo_run_matches_one_process_with_the_same_global_batch(tmp_path, monkeypatch,
+                                                                             tiny_model):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()

@@ -342,14 +342,14 @@ def test_fast_path_dispatch() -> None:
         calls.append("backward")
         return F.nulsq_backward_reference(*args)
 
-    F.register_fast_path("nulsq", "cpu", F.Kernel(forward, backward))
+    previous = F.register_fast_path("nulsq", "cpu", F.Kernel(forward, backward))
     try:
         run_nulsq(torch.randn(10), torch.full((3,), 0.5), None, torch.ones(10))
     finally:
-        F.register_fast_path("nulsq", "cpu", None)
+        assert F.register_fast_path("nulsq", "cpu", previous) == F.Kernel(forward, backward)
     assert calls == ["forward", "backward"]
     run_nulsq(torch.randn(10), torch.full((3,), 0.5), None, torch.ones(10))
-    assert calls == ["forward", "backward"]
+    assert calls == ["forward", "backward"]  # the test's kernel is gone again
     with pytest.raises(ValueError, match="valid: lsq, nulsq"):
         F.register_fast_path("lcq", "cpu", None)
 

@@ -280,20 +280,23 @@ _REFERENCE: dict[str, Kernel] = {
 _FAST_PATHS: dict[tuple[str, str], Kernel] = {}
 
 
-def register_fast_path(op: str, device_type: str, kernel: Kernel | None) -> None:
+def register_fast_path(op: str, device_type: str, kernel: Kernel | None) -> Kernel | None:
     """Route `op` ("lsq" or "nulsq") on `device_type` ("cuda", "cpu") to `kernel`; None removes it.
 
     Args:
         op: which op the kernel implements; it must take the reference kernels' arguments.
         device_type: the device type of x it serves.
         kernel: the forward/backward pair, or None to fall back to the reference again.
+
+    Returns:
+        The fast path registered before (None if there was none), so a caller can restore it.
     """
     if op not in _REFERENCE:
         raise ValueError(f"unknown op '{op}'; valid: {', '.join(sorted(_REFERENCE))}")
-    if kernel is None:
-        _FAST_PATHS.pop((op, device_type), None)
-    else:
+    previous = _FAST_PATHS.pop((op, device_type), None)
+    if kernel is not None:
         _FAST_PATHS[(op, device_type)] = kernel
+    return previous
 
 
 def _kernel(op: str, x: Tensor) -> Kernel:

@@ -100,10 +100,11 @@ class ClipQuantizer(Quantizer):
         role: str,
         grad_scale: str = "none",
         init_method: str = "lsq",
+        init_reduce: str = "max",
         clip_init: float | str = "default",
         weight_norm: str = "default",
     ) -> None:
-        super().__init__(bits, signed, role, grad_scale, init_method)
+        super().__init__(bits, signed, role, grad_scale, init_method, init_reduce)
         self.clip_init = self._resolve_clip_init(clip_init)
         self.weight_norm = self._resolve_weight_norm(weight_norm)
         self._normalise = WEIGHT_NORMS.get(self.weight_norm)

@@ -1,0 +1,120 @@
+"""Fast paths for the quantizer ops, registered with `functional.register_fast_path` on import.
+
+Same public functions (`functional.lsq`, `functional.nulsq`), same results (tests/test_kernels.py
+checks them against the reference kernels): only faster.
+- CPU: fused C kernels (`cpu_quant`), built with the system C compiler on first use (5-10 s on
+  2 cores, then cached per machine); if that fails, one warning and the reference kernels.
+- CUDA: Triton kernels (`triton_quant`), when `triton` imports and a GPU is visible.
+  (Under TRITON_INTERPRET=1 they also run on CPU tensors; the tests call them directly then.)
+
+Set NULSQ_FAST_KERNELS=0 to start with the reference kernels everywhere, or call `disable()` /
+`enable()` at run time (A/B benchmarks, debugging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from nulsq.quant import functional as F
+
+ENV_VAR = "NULSQ_FAST_KERNELS"
+OPS = ("lsq", "nulsq")
+
+
+# -- layout helpers shared by the kernels (which walk a tensor's memory as one flat array) -------
+
+
+def dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself if its elements fill its memory without gaps or overlaps in some dimension order
+    (contiguous, channels_last, any permutation of those), else a contiguous copy. The kernels
+    then write y and dx with `empty_like(x)`, which keeps such a layout."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    order = sorted(range(x.dim()), key=x.stride, reverse=True)
+    return x if x.permute(order).is_contiguous() else x.contiguous()
+
+
+def like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t (a dy) with x's dtype and strides, copying only when they differ."""
+    if t.dtype == x.dtype and t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
+def _cpu() -> dict[str, F.Kernel]:
+    from nulsq.quant.kernels import cpu_quant
+
+    return cpu_quant.KERNELS
+
+
+def _cuda() -> dict[str, F.Kernel] | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from nulsq.quant.kernels import triton_quant
+    except ImportError:  # no triton: the reference kernels serve CUDA too
+        return None
+    return triton_quant.KERNELS
+
+
+# device type -> how to get its kernels (None when this machine cannot run them)
+_PROVIDERS = {"cpu": _cpu, "cuda": _cuda}
+_enabled: list[str] = []
+
+
+def available() -> dict[str, dict[str, F.Kernel]]:
+    """The fast kernels this machine can run: device type -> op name -> Kernel."""
+    found = {}
+    for device_type, provider in _PROVIDERS.items():
+        kernels = provider()
+        if kernels is not None:
+            found[device_type] = kernels
+    return found
+
+
+def enable() -> list[str]:
+    """Register every available fast path; returns the device types now served by one."""
+    disable()
+    for device_type, kernels in available().items():
+        for op in OPS:
+            F.register_fast_path(op, device_type, kernels[op])
+        _enabled.append(device_type)
+    return list(_enabled)
+
+
+def disable() -> None:
+    """Route every op back to the reference kernels."""
+    for device_type in _enabled:
+        for op in OPS:
+            F.register_fast_path(op, device_type, None)
+    _enabled.clear()
+
+
+def enabled() -> list[str]:
+    """The device types currently served by a fast path."""
+    return list(_enabled)
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Run a block with the reference kernels, restoring the fast paths afterwards."""
+    was = enabled()
+    disable()
+    try:
+        yield
+    finally:
+        if was:
+            enable()
+
+
+def env_allows() -> bool:
+    """False when NULSQ_FAST_KERNELS says 0 / false / no / off."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+if env_allows():
+    enable()

@@ -1,0 +1,370 @@
+"""Speed of the quantizer ops and of whole training steps, on this machine's device.
+
+    python scripts/bench.py                     # ops + steps on CUDA if visible, else CPU
+    python scripts/bench.py --quick --out bench.json
+    NULSQ_FAST_KERNELS=0 python scripts/bench.py  # everything on the reference kernels
+
+Op level: our fused fake-quantizers (forward + backward, fp32) against PyTorch's fused learnable
+LSQ op and a plain copy `y.copy_(x)`, with the ratio to the memory floor: 20 bytes per element
+(forward reads x, writes y; backward reads x and dy, writes dx) at the copy's bandwidth; without
+--quick also the reference kernels (A/B).
+Step level: one training step (forward, loss, backward, optimizer steps) of the models the paper
+times, built as the trainer builds them (`nulsq.models.build`, `nulsq.quant.quantize_model`, the
+real configs/quantizer/*.yaml, the trainer's optimizers; bf16 autocast + channels_last +
+torch.compile on CUDA, fp32 eager on CPU), with ratios to the same model's FP step.
+All cases of a table take turns in every timed round (after warm-up), so a busy machine slows
+them alike: "ms" is the median over rounds, each ratio the median of the per-round ratios.
+Step configurations that do not fit in --budget-s (or fail) are skipped and listed, so the script
+always ends in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as TF
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nulsq.quant import functional as F  # noqa: E402
+from nulsq.quant import kernels  # noqa: E402  (registers the fast paths)
+
+# -- timing --------------------------------------------------------------------------------------
+
+
+def _time_block(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Mean ms per call of `calls` back-to-back calls (CUDA: events around the block)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
+def interleaved_ms(cases: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                   rounds: int, calls: int) -> dict[str, dict[str, float]]:
+    """Median and min over `rounds` of each case's ms per call, the cases taking turns within
+    every round, so that a busy machine (shared CI cores) slows them alike."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            samples[name].append(_time_block(fn, device, calls))
+    return {name: {"ms": statistics.median(v), "min_ms": min(v), "samples": v}
+            for name, v in samples.items()}
+
+
+# -- op level ------------------------------------------------------------------------------------
+
+
+def _fwd_bwd(op: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, dy: torch.Tensor):
+    """One forward + backward of op on a fresh leaf (x0 is reused, its .grad dropped)."""
+
+    def run() -> None:
+        x0.grad = None
+        op(x0).backward(dy)
+
+    return run
+
+
+def _unsigned_steps(bits: int, device: torch.device) -> torch.Tensor:
+    qp = 2**bits - 1
+    return torch.full((qp,), 3.0 / qp, device=device, requires_grad=True)
+
+
+def op_rows(device: torch.device, numel: int, reps: int, bits_list: list[int]) -> list[dict]:
+    """Time the ops on `numel` fp32 elements; bytes moved as each op needs at the least."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(numel, device=device, generator=gen).abs_().requires_grad_()
+    dy = torch.randn(numel, device=device, generator=gen)
+    y = torch.empty_like(x0)
+    step = torch.tensor([0.5], device=device, requires_grad=True)
+    zero = torch.tensor([0.0], device=device)
+    cases: list[tuple[str, Callable[[], object], int]] = [
+        ("copy y.copy_(x)", lambda: y.copy_(x0.detach()), 8),
+        ("torch fused LSQ op (2-bit)", _fwd_bwd(
+            lambda x: torch._fake_quantize_learnable_per_tensor_affine(x, step, zero, 0, 3, 1.0),
+            x0, dy), 20),
+        ("ours LSQ 2-bit", _fwd_bwd(lambda x: F.lsq(x, step, 0, 3), x0, dy), 20),
+    ]
+    for bits in bits_list:
+        steps = _unsigned_steps(bits, device)
+        cases.append((f"ours nuLSQ {bits}-bit", _fwd_bwd(
+            lambda x, s=steps: F.nulsq(x, s), x0, dy), 20))
+    if device.type == "cuda":  # as the trainer runs them: the small grid ops fuse
+        for bits in bits_list[:2]:
+            steps = _unsigned_steps(bits, device)
+            compiled = torch.compile(lambda x, s=steps: F.nulsq(x, s))
+            cases.append((f"ours nuLSQ {bits}-bit, compiled", _fwd_bwd(compiled, x0, dy), 20))
+    times = interleaved_ms({name: fn for name, fn, _ in cases}, device, warmup=2,
+                           rounds=reps, calls=1)
+    rows = []
+    for name, _, bytes_per_elem in cases:
+        ms = times[name]["ms"]
+        rows.append({"op": name, "numel": numel, "ms": ms, "min_ms": times[name]["min_ms"],
+                     "samples": times[name]["samples"],
+                     "gb_per_s": bytes_per_elem * numel / ms / 1e6})
+    copy, fused = rows[0]["samples"], rows[1]["samples"]
+    for row in rows[1:]:  # ratios within each round, then the median (see interleaved_ms)
+        pairs = list(zip(row["samples"], fused, copy))
+        row["vs_torch_fused_lsq"] = statistics.median(ms / f for ms, f, _ in pairs)
+        # memory floor: 20 bytes per element at the copy's bandwidth (8 bytes per element)
+        row["vs_memory_floor"] = statistics.median(ms / (c * 20 / 8) for ms, _, c in pairs)
+    return rows
+
+
+def reference_op_rows(device: torch.device, numel: int, bits_list: list[int]) -> list[dict]:
+    """The same nuLSQ op on the reference kernels (A/B), fewer repetitions: it is slow."""
+    with kernels.reference_kernels():
+        rows = op_rows(device, numel, reps=3, bits_list=bits_list)
+    return [dict(r, op=r["op"].replace("ours", "reference")) for r in rows if "nuLSQ" in r["op"]]
+
+
+# -- step level ----------------------------------------------------------------------------------
+
+
+def compose(model: str, method: str, bits: int):
+    """The run config `python train.py model=<model> quantizer=<method> quantizer.bits=<bits>`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from nulsq.config import register_schema
+
+    register_schema()
+    overrides = [f"model={model}", f"quantizer={method}", "logger=none"]
+    if method != "fp":
+        overrides.append(f"quantizer.bits={bits}")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def make_step(cfg, device: torch.device, batch: int, size: int) -> Callable[[], None]:
+    """One training step of cfg's model as nulsq.train's loop runs it, on fixed random data."""
+    from nulsq import models
+    from nulsq.quant import initialize_quantizers, quantize_model
+    from nulsq.train.optim import build_optimizers
+
+    torch.manual_seed(0)
+    model = models.build({**cfg.model, "pretrained": False, "input_size": size}, 10)
+    spec = models.MODELS.get(cfg.model.name)
+    quantize_model(model, cfg.quantizer, spec.signed_activations, cfg.init.method, verbose=False)
+    cuda = device.type == "cuda"
+    model = model.to(device)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    if cuda:  # the trainer's "auto" runtime on CUDA
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    initialize_quantizers(model, [(images, labels)], 1)
+    optimizers = build_optimizers(model, cfg.optim)
+    net = torch.compile(model) if cuda else model
+    model.train()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = TF.cross_entropy(net(images), labels)
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers.values():
+            opt.step()
+
+    return step
+
+
+def step_plan(device: torch.device, quick: bool, models: list[str] | None
+              ) -> list[tuple[str, int, int, str, int, bool]]:
+    """(model, batch, image side, method, bits, reference kernels?), most wanted first: when the
+    time budget runs out, the tail is skipped."""
+    if device.type == "cuda":
+        shapes = [("preresnet20", 128, 32), ("preresnet18", 256, 224)]
+        first = [("fp", 32), ("nulsq_a", 2), ("lsq", 2)]
+        then = [("nulsq_a", 4), ("nulsq_a", 3)] + ([] if quick else [("lsq", 4), ("nulsq_wa", 2)])
+    else:
+        shapes = [("preresnet20", 32, 32)]
+        first = [("fp", 32), ("nulsq_a", 2), ("lsq", 2), ("nulsq_a", 4)]
+        then = [] if quick else [(m, b) for m in ("nulsq_a", "lsq", "nulsq_w", "nulsq_wa")
+                                 for b in (2, 3, 4) if (m, b) not in first]
+    shapes = [s for s in shapes if not models or s[0] in models]
+    plan = [(*shape, m, b, False) for m, b in first for shape in shapes]
+    plan += [(*shape, m, b, False) for m, b in then for shape in shapes]
+    # A/B: the same nuLSQ-A 2-bit step on the reference kernels
+    plan += [(*shape, "nulsq_a", 2, True) for shape in shapes[:1]]
+    return plan
+
+
+def _label(model: str, batch: int, size: int, method: str, bits: int, reference: bool) -> str:
+    label = f"{model} b{batch} {size}px {method}" + ("" if method == "fp" else f" {bits}-bit")
+    return label + (" (reference kernels)" if reference else "")
+
+
+def _on_reference_kernels(step: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        with kernels.reference_kernels():
+            step()
+
+    return run
+
+
+def step_rows(device: torch.device, quick: bool, models: list[str] | None, warmup: int,
+              rounds: int, calls: int, build_deadline: float) -> tuple[list[dict], list[str]]:
+    """Build (and on CUDA compile) every planned step until the deadline, then time them all,
+    taking turns; ratios are to the same model's FP step."""
+    # every model instance is a recompile of the same forward code objects: allow them all
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    built: dict[str, tuple[dict, Callable[[], None]]] = {}
+    skipped = []
+    for model, batch, size, method, bits, reference in step_plan(device, quick, models):
+        label = _label(model, batch, size, method, bits, reference)
+        if time.monotonic() > build_deadline:
+            skipped.append(label)
+            continue
+        t0 = time.monotonic()
+        try:
+            step = make_step(compose(model, method, bits), device, batch, size)
+            if reference:
+                step = _on_reference_kernels(step)
+            for _ in range(warmup):  # compiles on CUDA
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as err:  # noqa: BLE001  (one broken configuration must not end the run)
+            print(f"  FAILED {label}: {type(err).__name__}: {str(err)[:800]}", flush=True)
+            skipped.append(f"{label} (failed: {type(err).__name__})")
+            continue
+        meta = {"model": model, "batch": batch, "size": size, "method": method,
+                "bits": None if method == "fp" else bits, "reference_kernels": reference,
+                "setup_s": time.monotonic() - t0}
+        built[label] = (meta, step)
+        print(f"  built {label} ({meta['setup_s']:.0f} s)", flush=True)
+    times = interleaved_ms({k: v[1] for k, v in built.items()}, device, 0, rounds, calls)
+    rows = [{**meta, **times[label]} for label, (meta, _) in built.items()]
+    fp = {r["model"]: r["samples"] for r in rows if r["method"] == "fp"}
+    for r in rows:
+        if r["model"] in fp:  # ratio within each round (same machine load), then the median
+            r["vs_fp"] = statistics.median(a / b for a, b in zip(r["samples"], fp[r["model"]]))
+    return rows, skipped
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A markdown table; columns are (header, key, format)."""
+    head = "| " + " | ".join(h for h, _, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = []
+    for r in rows:
+        cells = [(f"{r[k]:{fmt}}" if r.get(k) is not None else "") for _, k, fmt in columns]
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *body])
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--quick", action="store_true", help="fewer configurations and repetitions")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--numel", type=int, help="op size (default: 51M on CUDA, 4M on CPU)")
+    parser.add_argument("--budget-s", type=float,
+                        help="stop starting new step benchmarks after this many seconds "
+                             "(default: 150 on CPU, 330 on CUDA)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--models", type=lambda v: v.split(","),
+                        help="comma-separated models for the step benchmark (default: all)")
+    parser.add_argument("--no-ops", action="store_true", help="skip the op benchmark")
+    parser.add_argument("--no-steps", action="store_true", help="skip the step benchmark")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    start = time.monotonic()
+    budget = args.budget_s if args.budget_s is not None else (330.0 if cuda else 150.0)
+    numel = args.numel or (256 * 64 * 56 * 56 if cuda else 4 * 2**20)
+    op_reps = (10 if args.quick else 30) if cuda else (5 if args.quick else 9)
+    warmup, rounds, calls = (3, 10, 5) if cuda else (2, 6 if args.quick else 10, 1)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    result: dict = {
+        "device": describe_device(device),
+        "torch": torch.__version__,
+        "fast_paths": kernels.enabled(),
+        "quick": args.quick,
+    }
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except ImportError:
+        result["triton"] = None
+    print(f"# nulsq bench on {result['device']} (torch {torch.__version__}, fast paths: "
+          f"{', '.join(result['fast_paths']) or 'none'})", flush=True)
+
+    if not args.no_ops:
+        bits_list = [2, 4] if args.quick else [2, 3, 4, 8]
+        ops = op_rows(device, numel, op_reps, bits_list)
+        if not args.quick:
+            ops += reference_op_rows(device, numel, [2, 4])
+        result["ops"] = ops
+        print(f"\n## Op forward+backward, {numel / 1e6:.1f}M fp32 elements\n")
+        print(_table(ops, [("op", "op", "s"), ("ms", "ms", ".3f"), ("GB/s", "gb_per_s", ".1f"),
+                           ("min ms", "min_ms", ".3f"),
+                           ("x torch fused LSQ", "vs_torch_fused_lsq", ".2f"),
+                           ("x memory floor", "vs_memory_floor", ".2f")]), flush=True)
+
+    if not args.no_steps:
+        print("\n## Training step (median ms)\n", flush=True)
+        reserve = 30.0  # for the timed rounds after the last build
+        steps, skipped = step_rows(device, args.quick, args.models, warmup, rounds, calls,
+                                   start + budget - reserve)
+        result["steps"], result["skipped"] = steps, skipped
+        print()
+        print(_table(steps, [("model", "model", "s"), ("batch", "batch", "d"),
+                             ("method", "method", "s"), ("bits", "bits", "d"),
+                             ("reference kernels", "reference_kernels", ""),
+                             ("ms", "ms", ".2f"), ("min ms", "min_ms", ".2f"),
+                             ("x FP", "vs_fp", ".2f"),
+                             ("setup s", "setup_s", ".0f")]))
+        if skipped:
+            print(f"\nskipped (over the {budget:.0f} s budget): {'; '.join(skipped)}")
+
+    result["total_s"] = time.monotonic() - start
+    print(f"\ntotal {result['total_s']:.0f} s", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

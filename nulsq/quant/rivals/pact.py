@@ -94,17 +94,9 @@ class ClipQuantizer(Quantizer):
     DEFAULT_WEIGHT_NORM: ClassVar[str] = "none"
 
     def __init__(
-        self,
-        bits: int,
-        signed: bool,
-        role: str,
-        grad_scale: str = "none",
-        init_method: str = "lsq",
-        init_reduce: str = "max",
-        clip_init: float | str = "default",
-        weight_norm: str = "default",
+        self, *args, clip_init: float | str = "default", weight_norm: str = "default", **kwargs
     ) -> None:
-        super().__init__(bits, signed, role, grad_scale, init_method, init_reduce)
+        super().__init__(*args, **kwargs)
         self.clip_init = self._resolve_clip_init(clip_init)
         self.weight_norm = self._resolve_weight_norm(weight_norm)
         self._normalise = WEIGHT_NORMS.get(self.weight_norm)

@@ -213,13 +213,13 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
     runtime = resolve_runtime(cfg.trainer, dist.local_rank)
     run_dir = Path(D.broadcast_object(str(_run_dir(cfg)), dist))
+    fingerprint = config_fingerprint(cfg)
     # Rank 0 picks (siblings are ordered by mtime), so every rank resumes the same file.
-    found = find_resume(cfg.trainer.resume, run_dir, config_fingerprint(cfg))
+    found = find_resume(cfg.trainer.resume, run_dir, fingerprint)
     resume_path = D.broadcast_object(found, dist)
     ckpt = load_checkpoint(resume_path) if resume_path else None
     if resume_path is not None:
         run_dir = resume_path.parent.parent
-    fingerprint = config_fingerprint(cfg)
     if ckpt is not None and ckpt["fingerprint"] != fingerprint:
         raise UserError(
             f"checkpoint {resume_path} belongs to a run with a different config; resume with the "

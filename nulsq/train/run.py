@@ -307,8 +307,9 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
         "status": "stopped" if stopped else "finished",
         "top1": last["val/top1"],
         "top5": last["val/top5"],
-        "best_top1": final.state.best_top1,
-        "best_epoch": final.state.best_epoch,
+        "stage": final.name,
+        "best_top1": final.state.best_top1 if final.state.best_epoch > 0 else None,
+        "best_epoch": final.state.best_epoch if final.state.best_epoch > 0 else None,
         "epochs": final.state.epoch,
         "steps": final.state.step,
         "images_per_s": final.state.images_seen / max(final.state.train_seconds, 1e-9),
@@ -317,14 +318,23 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
     })
     if dist.is_main:
         atomic_write_json(run_dir / "summary.json", summary)
-        line = f"final top-1 {summary['top1']:.2f}% (best {summary['best_top1']:.2f}%)"
-        if quantized and summary.get("fp_top1") is not None:
-            line = (f"final: FP top-1 {summary['fp_top1']:.2f}% | {cfg.quantizer.name} "
-                    f"{cfg.quantizer.bits}-bit top-1 {summary['top1']:.2f}% "
-                    f"(best {summary['best_top1']:.2f}%)")
-        print(line, flush=True)
+        print(_final_line(summary, cfg, stopped), flush=True)
     log.finish(summary)
     return summary
+
+
+def _final_line(summary: dict, cfg: DictConfig, stopped: bool) -> str:
+    """The run's last printed line: FP and quantized top-1 when both stages ran."""
+    best = "" if summary["best_top1"] is None else f" (best {summary['best_top1']:.2f}%)"
+    if summary["stage"] == "qat" and summary.get("fp_top1") is not None:
+        line = (f"final: FP top-1 {summary['fp_top1']:.2f}% | {cfg.quantizer.name} "
+                f"{cfg.quantizer.bits}-bit top-1 {summary['top1']:.2f}%{best}")
+    else:
+        line = f"final: {summary['stage']} top-1 {summary['top1']:.2f}%{best}"
+    if stopped:
+        line += (f"; stopped by trainer.max_steps in the {summary['stage']} stage, "
+                 f"continue with trainer.resume=auto")
+    return line
 
 
 def _init_steps(cfg: DictConfig, model: nn.Module, bundle, dist: D.DistInfo, log, step: int) -> None:

@@ -32,6 +32,18 @@ _RANK0_ONLY = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.
                "hydra/job_logging", "hydra/hydra_logging")
 
 
+def script_exit_code(fn: Callable[[], object], done: str) -> int:
+    """A script's work: print `done` and return 0, or print a UserError as `error: ...` on stderr
+    and return 2."""
+    try:
+        fn()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(done)
+    return 0
+
+
 def report_user_errors(fn: Callable[[], object]) -> object:
     """Call `fn`; print a UserError as `error: ...` on stderr and exit 2, unless HYDRA_FULL_ERROR=1
     asks for the traceback."""

@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # files only: works on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from nulsq.errors import UserError  # noqa: E402
+from nulsq.cli import script_exit_code  # noqa: E402
 from nulsq.log import METRICS_FILE, read_metrics  # noqa: E402
 
 PANELS = (("val/top1", "validation top-1 (%)"), ("train/loss", "training loss"))
@@ -82,13 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (with metrics.jsonl)")
     parser.add_argument("--out", type=Path, default=Path("curves.png"), help="the PNG to write")
     args = parser.parse_args(argv)
-    try:
-        plot_runs(args.run_dirs, args.out)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
-    return 0
+    return script_exit_code(lambda: plot_runs(args.run_dirs, args.out), f"wrote {args.out}")
 
 
 if __name__ == "__main__":

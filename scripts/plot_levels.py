@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from nulsq.cli import script_exit_code  # noqa: E402
 from nulsq.errors import UserError  # noqa: E402
 from nulsq.quant.base import Quantizer  # noqa: E402
 
@@ -122,13 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=4, help="validation batches to capture")
     parser.add_argument("--out", type=Path, default=Path("levels.png"), help="the PNG to write")
     args = parser.parse_args(argv)
-    try:
-        plot_run(args.run_dir, args.batches, args.out)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}")
-    return 0
+    return script_exit_code(lambda: plot_run(args.run_dir, args.batches, args.out),
+                            f"wrote {args.out}")
 
 
 if __name__ == "__main__":

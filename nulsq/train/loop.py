@@ -139,7 +139,7 @@ def train_epoch(model: nn.Module, raw_model: nn.Module, loader, state: StageStat
             ips = window_images / max(now - window_t, 1e-9)
             window_t, window_images = now, 0
             lrs = {f"lr/{n}": opt.param_groups[0]["lr"] for n, opt in ctx.optimizers.items()}
-            epoch_f = state.epoch + (state.step - state.epoch * state.steps_per_epoch) / state.steps_per_epoch
+            epoch_f = state.epoch + state.steps_into_epoch / state.steps_per_epoch
             ctx.log.log("step", {"stage": state.stage, "loss": loss_value, "images_per_s": ips,
                                  "epoch": epoch_f, **lrs}, step=state.step_offset + state.step)
             progress.update(loss_value, ips, lrs)

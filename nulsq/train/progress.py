@@ -28,10 +28,9 @@ class Progress:
         done = s.step - self.step0
         per_step = (time.perf_counter() - self.t0) / max(done, 1)
         eta = per_step * (s.total_steps - s.step)
-        in_epoch = s.step - s.epoch * s.steps_per_epoch
         lr_text = " ".join(f"{k[3:]} {v:.3g}" for k, v in lrs.items())
         print(
-            f"[{s.stage}] epoch {s.epoch + 1}/{s.epochs} step {in_epoch}/{s.steps_per_epoch} "
+            f"[{s.stage}] epoch {s.epoch + 1}/{s.epochs} step {s.steps_into_epoch}/{s.steps_per_epoch} "
             f"loss {loss:.4f} lr {lr_text} | {images_per_s:,.0f} img/s | ETA {format_seconds(eta)}",
             flush=True,
         )

@@ -11,7 +11,9 @@ LSQ op and a plain copy `y.copy_(x)`, with the ratio to the memory floor: 20 byt
 Step level: one training step (forward, loss, backward, optimizer steps) of the models the paper
 times, built as the trainer builds them (`nulsq.models.build`, `nulsq.quant.quantize_model`, the
 real configs/quantizer/*.yaml, the trainer's optimizers; bf16 autocast + channels_last +
-torch.compile on CUDA, fp32 eager on CPU), with ratios to the same model's FP step.
+torch.compile on CUDA, fp32 eager on CPU unless --compile on), with ratios to the same model's FP
+step. A/B rows: nuLSQ-A 2-bit on the reference kernels, and (when compiled) with the quantizers as
+opaque kernels in the compiled graph instead of fused into it (`kernels.opaque_under_compile`).
 All cases of a table take turns in every timed round (after warm-up), so a busy machine slows
 them alike: "ms" is the median over rounds, each ratio the median of the per-round ratios.
 Step configurations that do not fit in --budget-s (or fail) are skipped and listed, so the script
@@ -21,6 +23,7 @@ always ends in time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -158,7 +161,8 @@ def compose(model: str, method: str, bits: int):
         return hydra_compose("config", overrides=overrides)
 
 
-def make_step(cfg, device: torch.device, batch: int, size: int) -> Callable[[], None]:
+def make_step(cfg, device: torch.device, batch: int, size: int, compile: bool
+              ) -> Callable[[], None]:
     """One training step of cfg's model as nulsq.train's loop runs it, on fixed random data."""
     from nulsq import models
     from nulsq.quant import initialize_quantizers, quantize_model
@@ -177,7 +181,7 @@ def make_step(cfg, device: torch.device, batch: int, size: int) -> Callable[[], 
         images = images.contiguous(memory_format=torch.channels_last)
     initialize_quantizers(model, [(images, labels)], 1)
     optimizers = build_optimizers(model, cfg.optim)
-    net = torch.compile(model) if cuda else model
+    net = torch.compile(model) if compile else model
     model.train()
 
     def step() -> None:
@@ -192,9 +196,9 @@ def make_step(cfg, device: torch.device, batch: int, size: int) -> Callable[[], 
     return step
 
 
-def step_plan(device: torch.device, quick: bool, models: list[str] | None
-              ) -> list[tuple[str, int, int, str, int, bool]]:
-    """(model, batch, image side, method, bits, reference kernels?), most wanted first: when the
+def step_plan(device: torch.device, quick: bool, models: list[str] | None, compile: bool
+              ) -> list[tuple[str, int, int, str, int, str]]:
+    """(model, batch, image side, method, bits, kernels variant), most wanted first: when the
     time budget runs out, the tail is skipped."""
     if device.type == "cuda":
         shapes = [("preresnet20", 128, 32), ("preresnet18", 256, 224)]
@@ -206,45 +210,53 @@ def step_plan(device: torch.device, quick: bool, models: list[str] | None
         then = [] if quick else [(m, b) for m in ("nulsq_a", "lsq", "nulsq_w", "nulsq_wa")
                                  for b in (2, 3, 4) if (m, b) not in first]
     shapes = [s for s in shapes if not models or s[0] in models]
-    plan = [(*shape, m, b, False) for m, b in first for shape in shapes]
-    plan += [(*shape, m, b, False) for m, b in then for shape in shapes]
+    plan = [(*shape, m, b, "fast") for m, b in first + then for shape in shapes]
+    if compile:  # A/B: the quantizers as opaque kernels in the compiled graph, unfused
+        plan += [(*shape, "nulsq_a", 2, "opaque") for shape in shapes]
     # A/B: the same nuLSQ-A 2-bit step on the reference kernels
-    plan += [(*shape, "nulsq_a", 2, True) for shape in shapes[:1]]
+    plan += [(*shape, "nulsq_a", 2, "reference") for shape in shapes[:1]]
     return plan
 
 
-def _label(model: str, batch: int, size: int, method: str, bits: int, reference: bool) -> str:
+def _label(model: str, batch: int, size: int, method: str, bits: int, variant: str) -> str:
     label = f"{model} b{batch} {size}px {method}" + ("" if method == "fp" else f" {bits}-bit")
-    return label + (" (reference kernels)" if reference else "")
+    return label + ("" if variant == "fast" else f" ({variant} kernels)")
 
 
-def _on_reference_kernels(step: Callable[[], None]) -> Callable[[], None]:
+# kernels variant -> the context every call of its step runs in (a compiled graph is traced in
+# the first calls, so the context must hold then and for as long as the graph is reused)
+_VARIANTS = {"fast": contextlib.nullcontext, "reference": kernels.reference_kernels,
+             "opaque": kernels.opaque_under_compile}
+
+
+def _in_context(step: Callable[[], None], context) -> Callable[[], None]:
     def run() -> None:
-        with kernels.reference_kernels():
+        with context():
             step()
 
     return run
 
 
-def step_rows(device: torch.device, quick: bool, models: list[str] | None, warmup: int,
-              rounds: int, calls: int, build_deadline: float) -> tuple[list[dict], list[str]]:
+def step_rows(device: torch.device, quick: bool, models: list[str] | None, compile: bool,
+              warmup: int, rounds: int, calls: int, build_deadline: float
+              ) -> tuple[list[dict], list[str]]:
     """Build (and on CUDA compile) every planned step until the deadline, then time them all,
     taking turns; ratios are to the same model's FP step."""
     # every model instance is a recompile of the same forward code objects: allow them all
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     built: dict[str, tuple[dict, Callable[[], None]]] = {}
     skipped = []
-    for model, batch, size, method, bits, reference in step_plan(device, quick, models):
-        label = _label(model, batch, size, method, bits, reference)
+    for model, batch, size, method, bits, variant in step_plan(device, quick, models, compile):
+        label = _label(model, batch, size, method, bits, variant)
         if time.monotonic() > build_deadline:
             skipped.append(label)
             continue
         t0 = time.monotonic()
         try:
-            step = make_step(compose(model, method, bits), device, batch, size)
-            if reference:
-                step = _on_reference_kernels(step)
-            for _ in range(warmup):  # compiles on CUDA
+            step = make_step(compose(model, method, bits), device, batch, size, compile)
+            if variant != "fast":
+                step = _in_context(step, _VARIANTS[variant])
+            for _ in range(warmup):  # compiles
                 step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -253,7 +265,7 @@ def step_rows(device: torch.device, quick: bool, models: list[str] | None, warmu
             skipped.append(f"{label} (failed: {type(err).__name__})")
             continue
         meta = {"model": model, "batch": batch, "size": size, "method": method,
-                "bits": None if method == "fp" else bits, "reference_kernels": reference,
+                "bits": None if method == "fp" else bits, "kernels": variant,
                 "setup_s": time.monotonic() - t0}
         built[label] = (meta, step)
         print(f"  built {label} ({meta['setup_s']:.0f} s)", flush=True)
@@ -300,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated models for the step benchmark (default: all)")
     parser.add_argument("--no-ops", action="store_true", help="skip the op benchmark")
     parser.add_argument("--no-steps", action="store_true", help="skip the step benchmark")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="torch.compile the training steps (auto: on CUDA only)")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -342,15 +356,18 @@ def main(argv: list[str] | None = None) -> int:
                            ("x memory floor", "vs_memory_floor", ".2f")]), flush=True)
 
     if not args.no_steps:
-        print("\n## Training step (median ms)\n", flush=True)
+        compile = args.compile == "on" or (args.compile == "auto" and cuda)
+        print(f"\n## Training step (median ms, {'compiled' if compile else 'eager'})\n",
+              flush=True)
         reserve = 30.0  # for the timed rounds after the last build
-        steps, skipped = step_rows(device, args.quick, args.models, warmup, rounds, calls,
-                                   start + budget - reserve)
+        result["compiled_steps"] = compile
+        steps, skipped = step_rows(device, args.quick, args.models, compile, warmup, rounds,
+                                   calls, start + budget - reserve)
         result["steps"], result["skipped"] = steps, skipped
         print()
         print(_table(steps, [("model", "model", "s"), ("batch", "batch", "d"),
                              ("method", "method", "s"), ("bits", "bits", "d"),
-                             ("reference kernels", "reference_kernels", ""),
+                             ("kernels", "kernels", "s"),
                              ("ms", "ms", ".2f"), ("min ms", "min_ms", ".2f"),
                              ("x FP", "vs_fp", ".2f"),
                              ("setup s", "setup_s", ".0f")]))

@@ -4,15 +4,19 @@ The reference kernels are checked against float64 transcriptions of the suppleme
 tests/test_functional.py; here every fast path must give the same y and dx (bit for bit: both
 classify x with the same fp32 thresholds) and the same step gradients up to fp32 summation order,
 at 2, 3, 4 and 8 bits, signed and unsigned, fp32 and bf16, sizes that are no multiple of a block,
-with inputs placed exactly on levels and thresholds. Sections: the CPU C kernels; the Triton
-kernels on CPU tensors through Triton's interpreter; CUDA (skipped without a GPU, run by
+with inputs placed exactly on levels and thresholds. Sections: the CPU C kernels (and the fusable
+kernels torch.compile traces, run eagerly); compile (fusion with BN+ReLU); the Triton kernels on
+CPU tensors through Triton's interpreter; CUDA (skipped without a GPU, run by
 scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -23,7 +27,7 @@ import torch
 from nulsq.quant import functional as F
 from nulsq.quant import kernels
 from nulsq.quant.base import signed_range
-from nulsq.quant.kernels import cpu_quant
+from nulsq.quant.kernels import cpu_quant, fusable
 
 BITS = (2, 3, 4, 8)
 CUDA = torch.cuda.is_available()
@@ -130,28 +134,43 @@ needs_cpu_build = pytest.mark.skipif(cpu_quant.library() is None,
                                      reason=f"no CPU kernels: {cpu_quant._LOAD_ERROR}")
 
 
-@needs_cpu_build
+def _cpu_side_kernels(source: str) -> dict[str, F.Kernel]:
+    """The kernels that run on CPU tensors: the C ones, or the fusable ones (run eagerly here:
+    the maths; their 8-bit cases check the hand-over to the reference kernels)."""
+    if source == "fusable":
+        return fusable.KERNELS
+    if cpu_quant.library() is None:
+        pytest.skip(f"no CPU kernels: {cpu_quant._LOAD_ERROR}")
+    return cpu_quant.KERNELS
+
+
+@pytest.mark.parametrize("source", ["cpu", "fusable"])
 @pytest.mark.parametrize("numel", [1, 13, 70_001])  # 70_001: two threads, each with a tail
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_cpu_kernels_match_reference(case, numel: int) -> None:
+def test_cpu_side_kernels_match_reference(case, numel: int, source: str) -> None:
     bits, signed, dtype = case
+    fast = _cpu_side_kernels(source)
     x, dy, pos, neg = make_case(bits, signed, numel, dtype, "cpu", seed=bits * 10 + signed)
-    assert_same_nulsq(cpu_quant.KERNELS["nulsq"], x, dy, pos, neg)
+    assert_same_nulsq(fast["nulsq"], x, dy, pos, neg)
     qn, qp = signed_range(bits, signed)
     for step in (torch.tensor(0.07), torch.tensor([0.11])):
-        assert_same_lsq(cpu_quant.KERNELS["lsq"], x * 3, dy, step, qn, qp)
+        assert_same_lsq(fast["lsq"], x * 3, dy, step, qn, qp)
+
+
+def assert_any_step_count(kernel: F.Kernel, qp: int, qn: int) -> None:
+    """A grid of qp positive and qn negative steps (no b-bit grid) against the reference."""
+    gen = torch.Generator().manual_seed(qp)
+    pos = 0.05 + torch.rand(qp, generator=gen)
+    neg = 0.05 + torch.rand(qn, generator=gen) if qn else None
+    x = torch.randn(5000, generator=gen) * pos.sum()
+    assert_same_nulsq(kernel, x, torch.randn(5000, generator=gen), pos, neg)
 
 
 @needs_cpu_build
 @pytest.mark.parametrize("intervals", [(1, 0), (2, 3), (5, 0), (9, 7)])
 def test_cpu_kernels_any_step_count(intervals: tuple[int, int]) -> None:
-    """Grids that are no b-bit grid (the scalar search path, and the smallest vector one)."""
-    qp, qn = intervals
-    gen = torch.Generator().manual_seed(qp)
-    pos = 0.05 + torch.rand(qp, generator=gen)
-    neg = 0.05 + torch.rand(qn, generator=gen) if qn else None
-    x = torch.randn(5000, generator=gen) * pos.sum()
-    assert_same_nulsq(cpu_quant.KERNELS["nulsq"], x, torch.randn(5000, generator=gen), pos, neg)
+    """The scalar search path, and the smallest vector one."""
+    assert_any_step_count(cpu_quant.KERNELS["nulsq"], *intervals)
 
 
 @needs_cpu_build
@@ -182,8 +201,10 @@ def test_cpu_public_ops_layouts_and_dtypes() -> None:
 
 @needs_cpu_build
 def test_cpu_kernels_under_torch_compile() -> None:
-    """Whole graph (no graph break) through AOT autograd: the custom ops' fake kernels."""
+    """With fusion off, whole graph (no graph break) through AOT autograd: the custom ops' fake
+    kernels."""
     kernels.enable()
+    torch._dynamo.reset()
     gen = torch.Generator().manual_seed(11)
     x, dy = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(2, 3, 8, 8, generator=gen)
     pos, neg = torch.tensor([0.3, 0.2, 0.4]), torch.tensor([0.25, 0.35, 0.2, 0.3])
@@ -193,12 +214,14 @@ def test_cpu_kernels_under_torch_compile() -> None:
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     results = []
-    for f in (fn, compiled):
-        leaves = [t.clone().requires_grad_() for t in (x, pos, neg, torch.tensor(0.3))]
-        f(*leaves).backward(dy)
-        results.append([t.grad for t in leaves] + [f(*leaves).detach()])
+    with kernels.opaque_under_compile():
+        for f in (fn, compiled):
+            leaves = [t.clone().requires_grad_() for t in (x, pos, neg, torch.tensor(0.3))]
+            f(*leaves).backward(dy)
+            results.append([t.grad for t in leaves] + [f(*leaves).detach()])
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager)
+    torch._dynamo.reset()
 
 
 def test_cpu_build_failure_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,6 +247,80 @@ def test_disable_and_enable_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
     for value, allowed in (("0", False), ("off", False), ("1", True), ("", True)):
         monkeypatch.setenv(kernels.ENV_VAR, value)
         assert kernels.env_allows() is allowed
+
+
+# -- compile: the fusable kernels (elementwise torch code inductor fuses with its neighbours) ----
+
+
+@pytest.mark.parametrize("intervals", [(1, 0), (2, 3), (8, 7), (9, 7)])
+def test_fusable_kernels_any_step_count(intervals: tuple[int, int]) -> None:
+    """Up to the widest chain (15 intervals) and one past it."""
+    assert_any_step_count(fusable.KERNELS["nulsq"], *intervals)
+
+
+def _generated_kernels(fn, *args) -> tuple[object, list[str]]:
+    """fn(*args), and the names of the kernels inductor generated for it (forward, backward)."""
+    from torch._inductor.utils import run_and_get_code
+
+    result, codes = run_and_get_code(fn, *args)
+    names = re.findall(r"^(\w+) = async_compile\.(?:cpp\w*|triton)\(", "\n".join(codes), re.M)
+    assert names, "found no generated kernels: has inductor's code format changed?"
+    return result, names
+
+
+@pytest.mark.slow  # cold inductor compiles: about 40 s on 2 cores
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA GPU"))])
+def test_compile_fuses_quantizers_with_bn_relu(device: str) -> None:
+    """A pre-activation block BN -> ReLU -> quantizer -> conv, compiled: the quantizer adds no
+    kernel of its own, forward (it joins BN+ReLU) or backward (its step-gradient sums join BN's
+    backward reductions), and the compiled block matches the eager one."""
+    if device == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("torch.compile's inductor backend needs a C++ compiler on CPU")
+    kernels.enable()
+
+    def make(quantizer):
+        torch.manual_seed(0)
+        block = torch.nn.Sequential(torch.nn.BatchNorm2d(8), torch.nn.ReLU(), quantizer,
+                                    torch.nn.Conv2d(8, 8, 3, padding=1))
+        return block.to(device)
+
+    def train_step(block, x):
+        out = block(x)
+        out.square().mean().backward()
+        return out.detach()
+
+    x = torch.randn(4, 8, 12, 12, device=device)
+    counts = {}
+    for name, quantizer in [("fp", torch.nn.Identity()), ("lsq", _FakeQuant("lsq")),
+                            ("nulsq", _FakeQuant("nulsq"))]:
+        torch._dynamo.reset()
+        eager, compiled = make(quantizer), make(copy.deepcopy(quantizer))
+        y_compiled, names = _generated_kernels(train_step, torch.compile(compiled), x)
+        counts[name] = len(names)
+        if name == "fp":
+            continue
+        y_eager = train_step(eager, x)
+        torch.testing.assert_close(y_compiled, y_eager, atol=1e-4, rtol=1e-4)
+        for a, b in zip(compiled.parameters(), eager.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3)
+    torch._dynamo.reset()
+    assert counts["lsq"] == counts["fp"] and counts["nulsq"] == counts["fp"], counts
+
+
+class _FakeQuant(torch.nn.Module):
+    """The ops of a 2-bit activation quantizer, with learnable steps."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.steps = torch.nn.Parameter(torch.tensor([0.3, 0.45, 0.6] if op == "nulsq" else [0.4]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "nulsq":
+            return F.nulsq(x, self.steps, None, 0.1)
+        return F.lsq(x, self.steps, 0, 3, 0.1)
 
 
 # -- Triton: the CUDA kernels, run on CPU tensors by Triton's interpreter ------------------------

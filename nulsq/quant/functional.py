@@ -3,7 +3,8 @@
 Two public ops, `lsq` (supplement Eq. 1 and 4) and `nulsq` (supplement Eq. 5 and 10-12, with the
 Eq. 13 typo fixed, see REPRODUCTION.md section 1). Each is an autograd Function whose forward and
 backward call a *kernel*: the plain-torch reference kernels below, or a fast path that
-`nulsq.quant.kernels` registers with `register_fast_path` for a device type. Fast paths must match
+`nulsq.quant.kernels` registers with `register_fast_path` for a device type (or for "compile",
+the path taken while torch.compile traces). Fast paths must match
 the reference kernels, which the tests check against float64 transcriptions of the equations.
 
 Rules every kernel follows (so that it works under torch.compile and CUDA graphs):
@@ -135,8 +136,10 @@ def _nulsq_grid(pos_steps: Tensor, neg_steps: Tensor | None) -> _NuGrid:
     neg = pos.new_zeros(0) if neg_steps is None else neg_steps.float().reshape(-1).flip(0)
     # neg is now s'_Qn, ..., s'_1: the negative intervals in ascending order.
     zero = pos.new_zeros(1)
-    c_pos = torch.cumsum(pos, 0)
-    c_neg = torch.cumsum(neg.flip(0), 0).flip(0)  # c'_Qn, ..., c'_1
+    # Prefix sums accumulated in float64, then rounded: the same levels on every device and path
+    # (torch's CPU cumsum accumulates fp32 in double anyway; its CUDA one would not).
+    c_pos = torch.cumsum(pos.double(), 0).float()
+    c_neg = torch.cumsum(neg.flip(0).double(), 0).float().flip(0)  # c'_Qn, ..., c'_1
     levels = torch.cat([-c_neg, zero, c_pos])
     # Eq. 5: the step into level n switches on at c_n - s_n/2 (mirrored on the negative side).
     down = torch.full_like(neg, -float("inf"))
@@ -285,7 +288,8 @@ def register_fast_path(op: str, device_type: str, kernel: Kernel | None) -> Kern
 
     Args:
         op: which op the kernel implements; it must take the reference kernels' arguments.
-        device_type: the device type of x it serves.
+        device_type: the device type of x it serves ("cuda", "cpu"), or "compile" for the path
+            taken while torch.compile traces, whatever the device.
         kernel: the forward/backward pair, or None to fall back to the reference again.
 
     Returns:
@@ -300,6 +304,12 @@ def register_fast_path(op: str, device_type: str, kernel: Kernel | None) -> Kern
 
 
 def _kernel(op: str, x: Tensor) -> Kernel:
+    if torch.compiler.is_compiling():
+        # While torch.compile traces, a path registered for the pseudo device type "compile"
+        # (code inductor can fuse with the layers around it) wins over the device's own.
+        kernel = _FAST_PATHS.get((op, "compile"))
+        if kernel is not None:
+            return kernel
     return _FAST_PATHS.get((op, x.device.type), _REFERENCE[op])
 
 

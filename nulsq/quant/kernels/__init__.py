@@ -6,6 +6,9 @@ checks them against the reference kernels): only faster.
   2 cores, then cached per machine); if that fails, one warning and the reference kernels.
 - CUDA: Triton kernels (`triton_quant`), when `triton` imports and a GPU is visible.
   (Under TRITON_INTERPRET=1 they also run on CPU tensors; the tests call them directly then.)
+- Under torch.compile, any device: elementwise torch code (`fusable`) that inductor fuses with the
+  neighbouring layers. NULSQ_COMPILE_FUSION=0 makes compiled graphs call the device's opaque
+  kernels instead (an A/B for scripts/bench.py).
 
 Set NULSQ_FAST_KERNELS=0 to start with the reference kernels everywhere, or call `disable()` /
 `enable()` at run time (A/B benchmarks, debugging).
@@ -22,6 +25,7 @@ import torch
 from nulsq.quant import functional as F
 
 ENV_VAR = "NULSQ_FAST_KERNELS"
+FUSION_ENV_VAR = "NULSQ_COMPILE_FUSION"
 OPS = ("lsq", "nulsq")
 
 
@@ -61,8 +65,17 @@ def _cuda() -> dict[str, F.Kernel] | None:
     return triton_quant.KERNELS
 
 
-# device type -> how to get its kernels (None when this machine cannot run them)
-_PROVIDERS = {"cpu": _cpu, "cuda": _cuda}
+def _compile() -> dict[str, F.Kernel] | None:
+    if not _env_flag(FUSION_ENV_VAR):  # compile then launches the device's own (opaque) kernels
+        return None
+    from nulsq.quant.kernels import fusable
+
+    return fusable.KERNELS
+
+
+# device type -> how to get its kernels (None when this machine cannot run them); "compile" is
+# the path taken while torch.compile traces (see functional._kernel)
+_PROVIDERS = {"cpu": _cpu, "cuda": _cuda, "compile": _compile}
 _enabled: list[str] = []
 
 
@@ -111,9 +124,26 @@ def reference_kernels() -> Iterator[None]:
             enable()
 
 
+def _env_flag(name: str) -> bool:
+    """False when the variable says 0 / false / no / off; True when it is unset."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def opaque_under_compile() -> Iterator[None]:
+    """Run a block whose torch.compile traces call the device's own kernels (the A/B of fusion)."""
+    removed = {op: F.register_fast_path(op, "compile", None) for op in OPS}
+    try:
+        yield
+    finally:
+        for op, kernel in removed.items():
+            if kernel is not None:
+                F.register_fast_path(op, "compile", kernel)
+
+
 def env_allows() -> bool:
     """False when NULSQ_FAST_KERNELS says 0 / false / no / off."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+    return _env_flag(ENV_VAR)
 
 
 if env_allows():

@@ -12,8 +12,9 @@ other.
 Each kernel reads x (and dy) once and writes y (or dx) once, computing in fp32 whatever the input
 dtype (fp32 or bf16); the step gradients accumulate in fp32 blocks flushed to float64 per thread.
 Other dtypes go to the reference kernels, as does everything after a failed build (with one
-warning). In eager mode the kernels are called straight through ctypes; under torch.compile
-through `torch.library` custom ops (opaque to the graph, with fake implementations).
+warning). In eager mode the kernels are called straight through ctypes. Under torch.compile the
+`fusable` kernels serve instead, unless NULSQ_COMPILE_FUSION=0: then these run as `torch.library`
+custom ops (opaque to the graph, with fake implementations).
 """
 
 from __future__ import annotations
@@ -541,11 +542,11 @@ def _fast(x: Tensor, steps: Tensor) -> bool:
 def _other(x: Tensor) -> str:
     """Why the fast route is closed: "reference", "compile", or "convert" (x or the steps need a
     copy first)."""
-    if x.dtype not in _DTYPES or not x.is_cpu or x.numel() == 0 or library() is None:
+    if x.dtype not in _DTYPES or not x.is_cpu or x.numel() == 0:
         return "reference"
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # before library(): its build would break the graph
         return "compile"
-    return "convert"
+    return "reference" if library() is None else "convert"
 
 
 def _steps32(steps: Tensor | None) -> Tensor | None:

@@ -12,8 +12,9 @@ threshold t_j (j = 0..N-1, N = Qn + Qp intervals) = boundaries[2 + 2j], level L_
 level_of_cell[2k + 1]. Grids of up to `_LINEAR_MAX` intervals (2-4 bits) are classified with N
 compares per element; wider ones by a binary search over the thresholds.
 
-The ops are `torch.library.triton_op`s, so torch.compile traces into them and inductor launches
-the kernels from its generated code. Under TRITON_INTERPRET=1 (set before importing this module)
+The ops are `torch.library.triton_op`s, so that with NULSQ_COMPILE_FUSION=0 torch.compile can
+trace into them and launch the kernels from its generated code (by default, compiled graphs use
+the `fusable` formulation instead, which inductor fuses with the neighbouring layers). Under TRITON_INTERPRET=1 (set before importing this module)
 the same kernels run on CPU tensors, which is how the CPU-only tests check them.
 """
 

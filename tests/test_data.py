@@ -422,6 +422,33 @@ def test_imagenet_is_deterministic_per_seed_and_epoch_whatever_the_workers(
     assert torch.cat([y for _, y in va]).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+@pytest.mark.parametrize("name", ["synthetic", "imagenet"])
+def test_a_resumed_epoch_skips_done_batches_without_loading_them(
+    name: str, imagenet_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """set_epoch(e, skip=k) gives batches k.. of the uninterrupted epoch e, loading no image of
+    the first k (on ImageNet, decoding them would cost minutes per resume); the next set_epoch
+    starts from the first batch again."""
+    cfg = imagenet_cfg(imagenet_root) if name == "imagenet" else make_cfg(augment={"flip": True})
+    loader = build(cfg, CPU, seed=5).train
+    full = epoch(loader, 2)
+    assert len(full) == len(loader) >= 3
+    if name == "imagenet":
+        loaded = []
+        original = type(loader.loader.dataset).__getitem__
+        monkeypatch.setattr(type(loader.loader.dataset), "__getitem__",
+                            lambda self, item: loaded.append(item) or original(self, item))
+    loader.set_epoch(2, skip=2)
+    assert len(loader) == len(full)  # the epoch's length, whatever was skipped
+    tail = list(loader)
+    assert len(tail) == len(full) - 2
+    for (xa, ya), (xb, yb) in zip(tail, full[2:], strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    if name == "imagenet":
+        assert len(loaded) == sum(len(y) for _, y in tail)
+    assert len(epoch(loader, 2)) == len(full)
+
+
 def test_imagenet_ranks_share_val_exactly_once_and_train_disjointly(imagenet_root: Path) -> None:
     cfg = imagenet_cfg(imagenet_root, batch_size=2, augment={"flip": False})
     ranks = [build(cfg, CPU, seed=0, rank=r, world_size=2) for r in range(2)]

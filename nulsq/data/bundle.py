@@ -30,8 +30,10 @@ class Loader(Protocol):
         """Batches per epoch for this rank."""
         ...
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch; order and augmentation depend only on (seed, epoch)."""
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch; order and augmentation depend only on (seed, epoch). The next pass
+        starts after the epoch's first `skip` batches (those a resumed run has done), without
+        producing them: the rest are the batches an uninterrupted epoch would give."""
         ...
 
 

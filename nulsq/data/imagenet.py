@@ -8,6 +8,7 @@ batch depends only on (seed, epoch), whatever the number of workers or whether t
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,20 +89,21 @@ class FolderSubset(Dataset):
 
 
 class EpochTagged(Sampler):
-    """Yields (epoch, index) from a DistributedSampler so workers can seed per sample."""
+    """Yields (epoch, index) from a DistributedSampler so workers can seed per sample, from the
+    `skip`-th index on (skipped indices are never loaded: no image decoded for nothing)."""
 
     def __init__(self, sampler: DistributedSampler) -> None:
-        self.sampler, self.epoch = sampler, 0
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
         self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, i) for i in self.sampler)
+        return ((self.epoch, i) for i in itertools.islice(self.sampler, self.skip, None))
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return max(len(self.sampler) - self.skip, 0)
 
 
 class FolderLoader:
@@ -118,12 +120,15 @@ class FolderLoader:
     ) -> None:
         self.loader, self.device, self.sampler = loader, device, sampler
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
         if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+            # whole batches: the DataLoader groups consecutive indices, dropping the last few
+            self.sampler.set_epoch(epoch, skip * self.loader.batch_size)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        if self.sampler is None:
+            return len(self.loader)
+        return len(self.sampler.sampler) // self.loader.batch_size  # the whole epoch's
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels in self.loader:

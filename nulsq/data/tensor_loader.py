@@ -58,7 +58,7 @@ class TensorLoader:
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.augment = augment if train else AugmentSpec()
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
         # x_norm = (x / range - mean) / std folded into x * scale + bias, one pass per batch.
         value_range = 255.0 if images.dtype == torch.uint8 else 1.0
         std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
@@ -66,8 +66,8 @@ class TensorLoader:
         self.scale = 1.0 / (value_range * std_t)
         self.bias = -mean_t / std_t
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -86,7 +86,7 @@ class TensorLoader:
         order = torch.randperm(n, generator=generator, device=self.images.device)
         offsets, flips = self.augment.draw(n, generator)
         global_batch = self.batch_size * self.world_size
-        for i in range(len(self)):
+        for i in range(self.skip, len(self)):
             start = i * global_batch + self.rank * self.batch_size
             part = slice(start, start + self.batch_size)
             images = self.images.index_select(0, order[part])

@@ -93,17 +93,15 @@ def _all_finite(model: nn.Module) -> bool:
 def train_epoch(model: nn.Module, raw_model: nn.Module, loader, state: StageState, ctx: StepContext) -> dict:
     """Run the rest of the current epoch (or until max_steps); returns train loss and top-1 over
     the epoch. A checkpoint taken mid-epoch resumes here: the loader's order depends only on
-    (seed, epoch), so skipping the batches already done continues the same sequence."""
+    (seed, epoch), and the caller's `loader.set_epoch(epoch, skip=state.steps_into_epoch)` makes
+    it start after the batches already done, so the sequence continues."""
     model.train()
     device = ctx.runtime.device
     loss_sum, correct, count = (torch.tensor(v, device=device) for v in state.partial)
-    skip = state.steps_into_epoch
     progress = Progress(state, ctx.dist.is_main)
     t0 = time.perf_counter()
     window_t, window_images, processed = t0, 0, 0
-    for i, (images, labels) in enumerate(loader):
-        if i < skip:
-            continue
+    for images, labels in loader:
         if ctx.max_steps is not None and state.step >= ctx.max_steps:
             break
         if ctx.runtime.channels_last:

@@ -158,7 +158,7 @@ class _Stage:
         while s.epoch < s.epochs:
             if self.cfg.trainer.max_steps is not None and s.step >= self.cfg.trainer.max_steps:
                 break
-            self.bundle.train.set_epoch(s.epoch)
+            self.bundle.train.set_epoch(s.epoch, skip=s.steps_into_epoch)
             t0 = time.perf_counter()
             metrics = train_epoch(self.model, self.raw_model, self.bundle.train, s, self.ctx)
             D.broadcast_buffers(self.raw_model, self.dist)

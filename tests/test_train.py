@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from nulsq.config import validate
 from nulsq.errors import UserError
+from nulsq.quant import kernels
 from nulsq.train import run
 from nulsq.train.optim import lr_factor
 
@@ -55,6 +56,9 @@ def test_two_epoch_run_writes_every_run_file(tiny_run, tmp_path):
     assert written["status"] == "finished" and written == json.loads(json.dumps(summary))
     for key in ("top1", "best_top1", "fp_top1", "seed", "wall_time_s", "images_per_s"):
         assert key in written
+    assert written["runtime"] == {
+        "device": "cpu", "world_size": 1, "bf16": False, "channels_last": False, "compile": False,
+        "fast_kernels": kernels.enabled(), "torch": torch.__version__}
     events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert events.count("epoch") == 3 and "init" in events and "quantizers" in events
     resolved = OmegaConf.load(out / "config.yaml")

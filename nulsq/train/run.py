@@ -18,7 +18,7 @@ from nulsq import data as datasets
 from nulsq.config import validate
 from nulsq.errors import UserError
 from nulsq.log import build_logger, quantizer_snapshot
-from nulsq.quant import initialize_quantizers
+from nulsq.quant import initialize_quantizers, kernels
 from nulsq.quant.from_run import load_progressive, resolve_run_checkpoint
 from nulsq.train import distributed as D
 from nulsq.train.build import build_model, quantize
@@ -83,6 +83,19 @@ def _meta(cfg: DictConfig) -> dict:
         "method": cfg.quantizer.name,
         "bits": cfg.quantizer.bits,
         "seed": cfg.trainer.seed,
+    }
+
+
+def _runtime_meta(runtime: Runtime, dist: D.DistInfo) -> dict:
+    """How the run computed, for reading its images_per_s beside other runs'."""
+    return {
+        "device": str(runtime.device),
+        "world_size": dist.world_size,
+        "bf16": runtime.amp,
+        "channels_last": runtime.channels_last,
+        "compile": runtime.compile,
+        "fast_kernels": kernels.enabled(),  # device types with fast paths ("compile": fused)
+        "torch": torch.__version__,
     }
 
 
@@ -239,7 +252,8 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
 
     quantized = cfg.quantizer.weight is not None or cfg.quantizer.act is not None
     resume_stage = ckpt["stage"] if ckpt else None
-    summary = {**_meta(cfg), "status": "running", "run_dir": str(run_dir)}
+    summary = {**_meta(cfg), "status": "running", "run_dir": str(run_dir),
+               "runtime": _runtime_meta(runtime, dist)}
     stages: list[_Stage] = []
     try:
         model, _ = build_model(cfg, bundle.num_classes, quantized=False, verbose=False,

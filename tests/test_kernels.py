@@ -247,6 +247,13 @@ def test_disable_and_enable_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
     for value, allowed in (("0", False), ("off", False), ("1", True), ("", True)):
         monkeypatch.setenv(kernels.ENV_VAR, value)
         assert kernels.env_allows() is allowed
+    monkeypatch.setenv(kernels.FUSION_ENV_VAR, "0")
+    assert "compile" not in kernels.enable()  # compiled graphs then call the opaque kernels
+    monkeypatch.delenv(kernels.FUSION_ENV_VAR)
+    assert kernels.enable() == before and "compile" in before
+    with kernels.opaque_under_compile():
+        assert ("nulsq", "compile") not in F._FAST_PATHS
+    assert F._FAST_PATHS[("nulsq", "compile")] is fusable.KERNELS["nulsq"]
 
 
 # -- compile: the fusable kernels (elementwise torch code inductor fuses with its neighbours) ----

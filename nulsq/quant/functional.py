@@ -237,17 +237,40 @@ def nulsq_backward_reference(
     y_minus_x_dy = torch.take(grid.level_of_cell, cell).sub_(xf).mul_(dyf)
     interior = _sum_per_cell(target, copies, y_minus_x_dy, num_cells)
     clipped = _sum_per_cell(target, copies, dyf, num_cells)
-    per_interval = interior[2:-2].reshape(-1, 2).sum(1) / grid.widths
-    qn = 0 if neg_steps is None else neg_steps.numel()
-    above = clipped[-2:].sum()
-    dpos = ((per_interval[qn:] + above) * grad_scale).reshape(pos_steps.shape)
-    dpos = _cast(dpos, pos_steps.dtype)
-    dneg = None
-    if neg_steps is not None:
-        below = clipped[:2].sum()
-        dneg = (per_interval[:qn].flip(0) - below) * grad_scale
-        dneg = _cast(dneg.reshape(neg_steps.shape), neg_steps.dtype)
+    below = None if neg_steps is None else clipped[:2].sum()
+    dpos, dneg = nulsq_step_gradients(interior[2:-2].reshape(-1, 2).sum(1), grid.widths,
+                                      clipped[-2:].sum(), below, pos_steps, neg_steps, grad_scale)
     return dx, dpos, dneg
+
+
+def nulsq_step_gradients(
+    interior: Tensor,
+    widths: Tensor,
+    above: Tensor,
+    below: Tensor | None,
+    pos_steps: Tensor,
+    neg_steps: Tensor | None,
+    grad_scale: float,
+) -> tuple[Tensor, Tensor | None]:
+    """(dpos, dneg) from the sums every nuLSQ backward kernel reduces x and dy to (Eq. 10-13).
+
+    Args:
+        interior: (N,) sum of dy * (y - x) over each interval's interior, ascending order
+            (negative intervals first); divided by the interval's width it is Eq. 11/13's term.
+        widths: (N,) the step of each interval, same order.
+        above: sum of dy over x >= c_Qp (adds to every s_k, Eq. 10).
+        below: sum of dy over x <= -c'_Qn (subtracts from every s'_k, Eq. 12); None if unsigned.
+        pos_steps, neg_steps, grad_scale: as in the forward; the results take the steps' shapes
+            and dtypes.
+    """
+    per_interval = interior / widths
+    qn = 0 if neg_steps is None else neg_steps.numel()
+    dpos = _cast(((per_interval[qn:] + above) * grad_scale).reshape(pos_steps.shape),
+                 pos_steps.dtype)
+    if neg_steps is None:
+        return dpos, None
+    dneg = (per_interval[:qn].flip(0) - below) * grad_scale
+    return dpos, _cast(dneg.reshape(neg_steps.shape), neg_steps.dtype)
 
 
 # On a GPU, thousands of threads adding into the same few bins serialise on atomics (measured on

@@ -102,16 +102,10 @@ def nulsq_backward(
             for a, b in zip(grid.levels[:-1], grid.levels[1:])
         ]
     )
-    per_interval = interior / grid.widths
-    qn = 0 if neg_steps is None else neg_steps.numel()
     above = torch.where(xf >= hi, d, 0.0).sum()
-    dpos = F._cast(((per_interval[qn:] + above) * grad_scale).reshape(pos_steps.shape),
-                   pos_steps.dtype)
-    dneg = None
-    if neg_steps is not None:
-        below = torch.where(xf <= lo, d, 0.0).sum()
-        dneg = F._cast(((per_interval[:qn].flip(0) - below) * grad_scale).reshape(neg_steps.shape),
-                       neg_steps.dtype)
+    below = None if neg_steps is None else torch.where(xf <= lo, d, 0.0).sum()
+    dpos, dneg = F.nulsq_step_gradients(interior, grid.widths, above, below, pos_steps, neg_steps,
+                                        grad_scale)
     return dx, dpos, dneg
 
 

@@ -267,13 +267,8 @@ def nulsq_backward(dy: Tensor, x: Tensor, pos_steps: Tensor, neg_steps: Tensor |
     dpos = dneg = None
     if need_steps:
         sums = partial.sum(0)
-        qn = 0 if neg is None else neg.numel()
-        per_interval = sums[1:-1] / grid.widths
-        dpos = ((per_interval[qn:] + sums[-1]) * grad_scale).reshape(pos_steps.shape)
-        dpos = F._cast(dpos, pos_steps.dtype)
-        if neg_steps is not None:
-            dneg = ((per_interval[:qn].flip(0) - sums[0]) * grad_scale).reshape(neg_steps.shape)
-            dneg = F._cast(dneg, neg_steps.dtype)
+        dpos, dneg = F.nulsq_step_gradients(sums[1:-1], grid.widths, sums[-1], sums[0], pos_steps,
+                                            neg_steps, grad_scale)
     return (dx if need_x else None), dpos, dneg
 
 

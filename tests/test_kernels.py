@@ -275,7 +275,21 @@ def _generated_kernels(fn, *args) -> tuple[object, list[str]]:
     return result, names
 
 
-@pytest.mark.slow  # cold inductor compiles: about 40 s on 2 cores
+class _FakeQuant(torch.nn.Module):
+    """The ops of a 2-bit activation quantizer, with learnable steps."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.steps = torch.nn.Parameter(torch.tensor([0.3, 0.45, 0.6] if op == "nulsq" else [0.4]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "nulsq":
+            return F.nulsq(x, self.steps, None, 0.1)
+        return F.lsq(x, self.steps, 0, 3, 0.1)
+
+
+@pytest.mark.slow  # three inductor compiles: about 10 s on 2 cores with a cold cache
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not CUDA, reason="needs a CUDA GPU"))])
@@ -314,20 +328,6 @@ def test_compile_fuses_quantizers_with_bn_relu(device: str) -> None:
             torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3)
     torch._dynamo.reset()
     assert counts["lsq"] == counts["fp"] and counts["nulsq"] == counts["fp"], counts
-
-
-class _FakeQuant(torch.nn.Module):
-    """The ops of a 2-bit activation quantizer, with learnable steps."""
-
-    def __init__(self, op: str) -> None:
-        super().__init__()
-        self.op = op
-        self.steps = torch.nn.Parameter(torch.tensor([0.3, 0.45, 0.6] if op == "nulsq" else [0.4]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.op == "nulsq":
-            return F.nulsq(x, self.steps, None, 0.1)
-        return F.lsq(x, self.steps, 0, 3, 0.1)
 
 
 # -- Triton: the CUDA kernels, run on CPU tensors by Triton's interpreter ------------------------

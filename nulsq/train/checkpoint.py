@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -191,14 +192,14 @@ def set_rng_state(state: dict | list, rank: int = 0) -> None:
 def check_plain(obj: Any, where: str = "checkpoint") -> None:
     """Raise TypeError naming the first value of `obj` that a weights-only load could not read
     (a numpy scalar in a metric, a class instance): caught when saving, not when resuming."""
-    if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN):
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN:  # exact: np.float64 is a float
         return
-    if isinstance(obj, dict):
+    if type(obj) in (dict, OrderedDict):
         for key, value in obj.items():
-            if not isinstance(key, _PLAIN):
+            if type(key) not in _PLAIN:
                 raise TypeError(f"{where} has a key of type {type(key).__name__}")
             check_plain(value, f"{where}[{key!r}]")
-    elif isinstance(obj, (list, tuple)):
+    elif type(obj) in (list, tuple):
         for i, value in enumerate(obj):
             check_plain(value, f"{where}[{i}]")
     else:

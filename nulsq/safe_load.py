@@ -4,7 +4,9 @@
 (`os.system`, `builtins.exec`, ...). `torch.load(weights_only=True)` only rebuilds tensors and plain
 containers (dict, list, tuple, str, numbers, bool, None) and refuses any other name before calling
 it, so every file a user can point at is read through `load_torch_file`: checkpoints (resume,
-eval.py), the (b+1)-bit run a progressive start merges from, and pretrained weights.
+eval.py), the (b+1)-bit run a progressive start merges from, and pretrained weights. Plain
+pickles of numpy arrays (the CIFAR python release) go through `load_numpy_pickle`, whose unpickler
+knows numpy's array constructors and nothing else.
 
 Checkpoints written by nulsq before its RNG states were stored as plain lists hold numpy's RNG keys
 as a pickled numpy array. Those load only with `trust=True` (`trainer.trust_checkpoint=true`,
@@ -14,6 +16,7 @@ that runs code: a file naming any other function is refused with or without trus
 
 from __future__ import annotations
 
+import codecs
 import pickle
 import re
 from pathlib import Path
@@ -101,3 +104,59 @@ def load_torch_file(path: str | Path, what: str, fix: str, trust: bool = False,
         raise UserError(
             f"{what} {path} cannot be read even with numpy arrays allowed ({type(err).__name__}); {fix}"
         ) from None
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as protocol-2 pickles use it for bytes, limited to latin-1 (other codecs
+    compress, or decode what they are given)."""
+    if codecs.lookup(encoding).name != "iso8859-1":
+        raise pickle.UnpicklingError(f"refused codec {encoding!r} in _codecs.encode")
+    return codecs.encode(text, "latin1")
+
+
+def _numpy_pickle_names() -> dict[str, Any]:
+    """What a pickle of numpy arrays and plain containers may name, numpy 1.x and 2.x spellings."""
+    core = np._core if hasattr(np, "_core") else np.core
+    names: dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
+                             "_codecs.encode": _latin1_encode}
+    for package in ("numpy.core", "numpy._core"):
+        names[f"{package}.multiarray._reconstruct"] = core.multiarray._reconstruct
+        names[f"{package}.numeric._frombuffer"] = core.numeric._frombuffer
+    return names
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, dicts, lists, strings and numbers, and refuses
+    every other global before it is called (Python's "restricting globals" recipe)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _numpy_pickle_names().get(f"{module}.{name}")
+        if found is None:
+            raise _Refused(f"{module}.{name}")
+        return found
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle named a global outside the allowlist (its name is the message)."""
+
+
+def load_numpy_pickle(path: str | Path, what: str, encoding: str = "latin1") -> Any:
+    """Unpickle `path` allowing only numpy arrays and plain containers (never code).
+
+    Args:
+        path: the pickle file.
+        what: how the message names it ("CIFAR-10 file").
+        encoding: how Python 2 strings are decoded (latin1, as torchvision reads CIFAR).
+
+    Raises:
+        UserError: the pickle names anything else (it is refused before anything is called).
+        pickle.UnpicklingError, EOFError, ValueError: a file that is not such a pickle.
+    """
+    with open(path, "rb") as f:
+        try:
+            return _NumpyOnlyUnpickler(f, encoding=encoding).load()
+        except _Refused as refused:
+            raise UserError(
+                f"refusing to read {what} {path}: unpickling it would call {refused}, which a file "
+                f"of numpy arrays never needs; it was not written as one or was altered: delete it"
+            ) from None

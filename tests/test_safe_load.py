@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT, compose_config
 
 from nulsq.errors import UserError
-from nulsq.safe_load import load_torch_file
+from nulsq.safe_load import load_numpy_pickle, load_torch_file
 from nulsq.train import checkpoint as C
 from nulsq.train import run
 
@@ -174,3 +174,33 @@ def test_an_old_checkpoint_needs_trust_and_then_resumes_exactly(tmp_path):
     b = torch.load(last, weights_only=True)  # rewritten in the safe format by the resumed run
     assert b["format"] == C.FORMAT and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
+
+
+# -- plain pickles of numpy arrays (the CIFAR python release) -----------------------------------
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_numpy_pickles_load_with_numpy_arrays_only(tmp_path, protocol):
+    data = np.arange(24, dtype=np.uint8).reshape(2, 12)
+    path = tmp_path / "batch"
+    path.write_bytes(pickle.dumps({"data": data, "labels": [1, 2], "name": b"x"}, protocol=protocol))
+    entry = load_numpy_pickle(path, "CIFAR-10 file")
+    assert np.array_equal(entry["data"], data) and entry["labels"] == [1, 2]
+
+
+def test_a_cifar_file_carrying_a_payload_is_refused(tmp_path):
+    from nulsq.data import build, cifar
+
+    marker = tmp_path / "payload_ran"
+    folder = tmp_path / cifar.CIFAR10.folder
+    folder.mkdir()
+    for name in cifar.CIFAR10.files:
+        (folder / name).write_bytes(pickle.dumps({"data": _CreatesFile(marker)}, protocol=2))
+    pickle.loads((folder / "data_batch_1").read_bytes())  # what torchvision does: the payload runs
+    assert marker.exists()
+    marker.unlink()
+    cfg = {"name": "cifar10", "root": str(tmp_path), "batch_size": 8}
+    refused = r"refusing to read CIFAR-10 file .*data_batch_1: .*would call io.open"
+    with pytest.raises(UserError, match=refused):
+        build(cfg, torch.device("cpu"), 0)
+    assert not marker.exists()

@@ -147,6 +147,9 @@ def checkpoint_config(path: Path, ckpt: dict) -> DictConfig:
     """The resolved config a checkpoint was trained with: its own copy (format 2), else the
     config.yaml of the run directory it sits in."""
     if isinstance(ckpt.get("config"), str):
+        if "${" in ckpt["config"]:  # nulsq stores it resolved; a resolver could read the environment
+            raise UserError(f"checkpoint {path} holds a config with ${{...}} interpolations, which "
+                            f"nulsq never writes; it was altered: do not use it")
         cfg = OmegaConf.create(ckpt["config"])  # OmegaConf parses YAML with a safe loader
         if isinstance(cfg, DictConfig):
             return cfg

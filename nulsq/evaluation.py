@@ -50,8 +50,10 @@ def evaluate_checkpoint(ref: str | Path, data_root: str | None = None, batch_siz
             OmegaConf.update(cfg, key, value)
     runtime = resolve_runtime(cfg.trainer)
     model = build_checkpoint_model(path, ckpt, cfg).to(runtime.device)
-    if runtime.channels_last:  # as the trainer runs it
+    if runtime.channels_last:  # as the trainer evaluates it (same kernels, same numbers)
         model = model.to(memory_format=torch.channels_last)
+    if runtime.compile:
+        model = torch.compile(model)
     bundle = datasets.build(cfg.dataset, runtime.device, cfg.trainer.seed)
     metrics = evaluate(model, bundle.val, runtime, DistInfo())
     result = {

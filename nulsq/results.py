@@ -3,10 +3,13 @@
 A run counts when its folder holds `summary.json` with status "finished" and the resolved
 `config.yaml` names a `table`. Runs are grouped by (table, model, row, bits), where the row is the
 method (`quantizer.name`), or for the tables whose rows are training recipes (main Table 1,
-supplement Table C) the recipe (see ROW_KEYS). Per group: the mean ± std (sample std, ddof 1) of the
-final top-1 over seeds, the best run's final top-1, the published number from results/paper.yaml,
-and the difference (our mean - published). The final top-1, not each run's best epoch: choosing the
-best epoch on the evaluation set is the selection-on-test mistake REPRODUCTION.md section 7 warns of.
+supplement Table C) the recipe (see ROW_KEYS), tagged " [bf16, ...]" when the run's summary
+records a protocol off the authors' (nulsq.protocol.protocol_tag), so protocols never average
+together; a tagged row is still compared with its method's published number. Per group: the
+mean ± std (sample std, ddof 1) of the final top-1 over seeds, the best run's final top-1, the
+published number from results/paper.yaml, and the difference (our mean - published). The final top-1, not each run's best epoch: choosing the
+best epoch on the evaluation set is selecting on the test set (the authors' code does; see
+docs/fidelity.md).
 
 Skipped: unfinished runs, runs without a table (the demo), and search runs (`dataset.val_split`
 > 0), which score a held-out part of the training set, not the paper's evaluation set. Two runs of
@@ -25,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import yaml
 
 from nulsq.errors import UserError
+from nulsq.protocol import protocol_tag
 from nulsq.registry import Registry
 
 GroupKey = tuple[str, str, str, int]  # (table, model, row, bits)
@@ -124,7 +128,8 @@ def load_run(run_dir: Path) -> tuple[RunRecord | None, str]:
     record = RunRecord(
         table=str(table),
         model=str(_get(cfg, "model.name")),
-        row=row_key(str(table), cfg),
+        # A run off the authors' protocol (bf16, fp_eval init, ...) gets a row of its own.
+        row=row_key(str(table), cfg) + protocol_tag(summary.get("protocol")),
         bits=int(_get(cfg, "quantizer.bits")),
         seed=int(_get(cfg, "trainer.seed", 0)),
         top1=float(summary["top1"]),
@@ -272,10 +277,11 @@ def render_table(table: str, paper: dict | None, cells: dict[GroupKey, Cell],
         header = ["method"] + [f"{b}-bit {col}" for b in bits for col in ("ours", "best", "paper", "Δ")]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name in names:
-            cells_row = [labels.get(name, name)]
+            base, tag = name.split(" [", 1) if " [" in name else (name, "")
+            cells_row = [labels.get(base, base) + (f" [{tag}" if tag else "")]
             for b in bits:
                 cell = ours.get((table, model, name, b))
-                published = (model_rows.get(name) or {}).get(b)
+                published = (model_rows.get(base) or {}).get(b)
                 cells_row += [format_ours(cell), f"{cell.best:.2f}" if cell else "",
                               format_published(published), format_diff(cell, published)]
             lines.append("| " + " | ".join(cells_row) + " |")

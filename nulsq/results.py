@@ -7,9 +7,9 @@ supplement Table C) the recipe (see ROW_KEYS), tagged " [bf16, ...]" when the ru
 records a protocol off the authors' (nulsq.protocol.protocol_tag), so protocols never average
 together; a tagged row is still compared with its method's published number. Per group: the
 mean ± std (sample std, ddof 1) of the final top-1 over seeds, the best run's final top-1, the
-published number from results/paper.yaml, and the difference (our mean - published). The final top-1, not each run's best epoch: choosing the
-best epoch on the evaluation set is selecting on the test set (the authors' code does; see
-docs/fidelity.md).
+published number from results/paper.yaml, and the difference (our mean - published). The final
+top-1, not each run's best epoch: choosing the best epoch on the evaluation set is selecting on
+the test set (the authors' code does; see docs/fidelity.md).
 
 Skipped: unfinished runs, runs without a table (the demo), and search runs (`dataset.val_split`
 > 0), which score a held-out part of the training set, not the paper's evaluation set. Two runs of

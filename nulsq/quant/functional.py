@@ -2,10 +2,11 @@
 
 Two public ops, `lsq` (supplement Eq. 1 and 4) and `nulsq` (supplement Eq. 5 and 10-12, with the
 Eq. 13 typo fixed: docs/maths.md writes every equation out), and `scale_grad`. Each of the two
-quantizer ops is an autograd Function whose forward and backward call a *kernel*: the plain-torch reference kernels below, or a fast path that
-`nulsq.quant.kernels` registers with `register_fast_path` for a device type (or for "compile",
-the path taken while torch.compile traces). Fast paths must match
-the reference kernels, which the tests check against float64 transcriptions of the equations.
+quantizer ops is an autograd Function whose forward and backward call a *kernel*: the plain-torch
+reference kernels below, or a fast path that `nulsq.quant.kernels` registers with
+`register_fast_path` for a device type (or for "compile", the path taken while torch.compile
+traces). Fast paths must match the reference kernels, which the tests check against float64
+transcriptions of the equations.
 
 Rules every kernel follows (so that it works under torch.compile and CUDA graphs):
 - compute in fp32 whatever the input dtype; return x's dtype for y and dx, the steps' dtype for the

@@ -22,7 +22,7 @@ from nulsq.protocol import check_switches, protocol_tag, run_protocol
 from nulsq.quant import functional as F
 from nulsq.quant import initialize_quantizers, quantize_model
 from nulsq.quant.quantizers import DynamicMaxQuantizer, LSQQuantizer, NuLSQQuantizer
-from nulsq.results import load_runs
+from nulsq.results import aggregate, load_runs, render_table
 
 # -- init.protocol ------------------------------------------------------------------------------
 
@@ -304,3 +304,9 @@ def test_results_keep_protocols_apart(tmp_path):
     records, _ = load_runs([tmp_path])
     rows = sorted({(r.row, r.top1) for r in records})
     assert rows == [("nulsq_a", 70.0), ("nulsq_a", 72.0), ("nulsq_a [bf16]", 60.0)]
+    paper = {"bits": [2], "labels": {"nulsq_a": "nuLSQ-A"},
+             "rows": {"preresnet18": {"nulsq_a": {2: 67.9}}}}
+    text = render_table("D", paper, aggregate(records), records)
+    # fp32 runs average together; the bf16 run is its own row, still beside the published 67.9
+    assert "| nuLSQ-A | 71.00 ± 1.41 (n=2) | 72.00 | 67.9 | +3.10 |" in text
+    assert "| nuLSQ-A [bf16] | 60.00 (n=1) | 60.00 | 67.9 | -7.90 |" in text

@@ -1,10 +1,10 @@
 """Progressive fine-tuning: a b-bit model's starting point from a trained (b+1)-bit run.
 
 Supplement D-III: "merging two adjacent step sizes at (b+1)-bit yields effective initialization at
-b-bit"; the pairs are (s_1 + s_2), (s_3 + s_4), ... so every second old level survives
-(`merge_adjacent`). At model level (`load_progressive`), network weights and BN statistics are
-copied as they are, and each quantizer merges its own parameters from the same layer's (b+1)-bit
-ones (`Quantizer.merge_from`, which for nuLSQ calls `merge_adjacent`).
+b-bit"; the pairs are (s_1 + s_2), (s_3 + s_4), ... (docs/maths.md, docs/fidelity.md B6), so every
+second old level survives (`merge_adjacent`). At model level (`load_progressive`), network weights
+and BN statistics are copied as they are, and each quantizer merges its own parameters from the
+same layer's (b+1)-bit ones (`Quantizer.merge_from`, which for nuLSQ calls `merge_adjacent`).
 """
 
 from __future__ import annotations

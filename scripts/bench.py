@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nulsq.quant import functional as F  # noqa: E402
-from nulsq.quant import kernels  # noqa: E402  (registers the fast paths)
+from nulsq.quant import kernels  # noqa: E402
 
 # -- timing --------------------------------------------------------------------------------------
 

@@ -18,11 +18,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from nulsq.config import GradScale, InitReduce
 from nulsq.errors import UserError
 from nulsq.registry import Registry
 
 QUANTIZERS: Registry[type["Quantizer"]] = Registry("quantizer kind")
-INIT_REDUCTIONS = ("max", "mean")
+INIT_REDUCTIONS = InitReduce.values()
 
 
 def signed_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -60,13 +61,15 @@ class Quantizer(nn.Module):
         super().__init__()
         if bits not in self.supported_bits:
             raise UserError(
-                f"quantizer '{self.kind}' does not support {bits} bits; supported: "
+                f"quantizer.bits: quantizer '{self.kind}' does not support {bits} bits; supported: "
                 f"{', '.join(map(str, self.supported_bits))}"
             )
         if role not in ("weight", "act"):
             raise ValueError(f"role must be 'weight' or 'act', got {role!r}")
-        if grad_scale not in ("none", "lsq"):
-            raise UserError(f"unknown quantizer.grad_scale '{grad_scale}'; valid: lsq, none")
+        if grad_scale not in GradScale.values():
+            raise UserError(
+                f"unknown quantizer.grad_scale '{grad_scale}'; valid: {', '.join(GradScale.values())}"
+            )
         if init_reduce not in INIT_REDUCTIONS:
             raise UserError(f"unknown init.reduce '{init_reduce}'; valid: {', '.join(INIT_REDUCTIONS)}")
         self.init_reduce = init_reduce

@@ -6,11 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nulsq.config import StepGuard
 from nulsq.errors import UserError
 from nulsq.quant.convert import quantizers
-
-GUARD_MODES = StepGuard.values()  # quantizer.step_guard
 
 
 class StepSizeError(UserError):

@@ -102,11 +102,15 @@ def test_the_plan_shows_both_stages_with_their_own_optimizers():
     assert [s.name for s in plan_stages(compose_config(["pretrain.epochs=0"]))] == ["qat"]
 
 
-def test_preflight_accepts_every_quantizer_on_its_paper_models():
+def test_preflight_accepts_every_quantizer_on_a_paper_model():
     # Meta-device models: the real structure, no memory (Swin-T: signed activations).
-    for model in ("preresnet20", "resnet18", "mobilenetv2", "swin_t"):
-        for quantizer in ("nulsq_wa", "lcq", "apot", "pact", "lqnets", "dorefa", "fp"):
-            preflight(compose_config([f"model={model}", f"quantizer={quantizer}", "quantizer.bits=3"]))
+    pairs = [("swin_t", "nulsq_wa"), ("resnet18", "lcq"), ("mobilenetv2", "apot"),
+             ("preresnet20", "pact"), ("preresnet20", "lqnets"), ("preresnet20", "dorefa"),
+             ("preresnet20", "fp")]
+    for model, quantizer in pairs:
+        stages = preflight(compose_config([f"model={model}", f"quantizer={quantizer}",
+                                           "quantizer.bits=3"]))
+        assert [s.name for s in stages] == (["fp"] if quantizer == "fp" else ["fp", "qat"])
 
 
 def test_accepted_args_follow_the_constructors():

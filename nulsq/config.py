@@ -1,8 +1,9 @@
 """The config schema: every key a run accepts, with its type and its default.
 
 The defaults here are the values `python train.py` runs (the embedded demo); they live only here.
-A group file under configs/ states its option's name (and, for quantizers, its kinds) and only
-the keys where that option differs from these defaults (tests/test_config_defaults.py checks both).
+A group file under configs/ states its option's name (for quantizers also the kinds and args)
+and only the keys where that option differs from these defaults (tests/test_config_defaults.py
+checks both).
 
 `validate(cfg)` merges a composed config into this schema, so a mistyped key or a wrong type fails
 at start with one line naming the key, instead of being silently ignored (the authors' code

@@ -1,6 +1,7 @@
 """Defaults live once: in the schema (nulsq/config.py), equal to what `python train.py` runs. A
-group file states its option's identity (name, kinds, init method) and only the keys where that
-option differs from the schema, so no YAML value can silently disagree with a schema default."""
+group file states its option's identity (name; a quantizer's kinds and args; the init method) and
+only the keys where that option differs from the schema, so no YAML value can silently disagree
+with a schema default."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from nulsq.config import Config
 # `@package _global_` overlays that state a paper recipe in full).
 GROUPS = ("model", "dataset", "quantizer", "optim", "schedule", "init", "trainer", "logger")
 # Keys that say which option a file is, stated even where they equal the schema's default.
-IDENTITY = {"name", "kind", "method"}
+IDENTITY = {"name", "kind", "args", "method"}
 
 
 def _schema() -> dict:

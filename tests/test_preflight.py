@@ -41,6 +41,7 @@ MISTAKES = [
     (["trainer.epochs=0"], ["trainer.epochs", "> 0"]),
     (["dataset.batch_size=-8"], ["dataset.batch_size", "> 0"]),
     (["pretrain.lr=0"], ["pretrain.lr"]),
+    (["schedule.warmup_epochs=-1"], ["schedule.warmup_epochs", ">= 0", "-1"]),
 ]
 
 

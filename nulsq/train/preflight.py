@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from nulsq.errors import UserError
@@ -45,6 +45,11 @@ def check_values(cfg: DictConfig) -> None:
         raise UserError(f"trainer.log_interval must be > 0, got {cfg.trainer.log_interval}")
     if cfg.init.batches <= 0:
         raise UserError(f"init.batches must be > 0, got {cfg.init.batches}")
+    for key in ("schedule.warmup_epochs", "schedule.warmup_lr", "pretrain.warmup_epochs",
+                "pretrain.weight_decay"):
+        value = OmegaConf.select(cfg, key)
+        if value < 0:
+            raise UserError(f"{key} must be >= 0, got {value}")
 
 
 def check_names(cfg: DictConfig, stages: list[StagePlan]) -> None:

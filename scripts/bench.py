@@ -12,8 +12,9 @@ Step level: one training step (forward, loss, backward, optimizer steps) of the 
 times, with the trainer's own code (`nulsq.train.build`, the real configs/quantizer/*.yaml, the
 optimizers and schedules of the run's last planned stage, `nulsq.train.loop.train_step`; bf16
 autocast + channels_last + torch.compile on CUDA, fp32 eager on CPU unless --compile on), with
-ratios to the same model's FP step. A/B rows: nuLSQ-A 2-bit on the reference kernels, and (when compiled) with the quantizers as
-opaque kernels in the compiled graph instead of fused into it (`kernels.opaque_under_compile`).
+ratios to the same model's FP step. A/B rows: nuLSQ-A 2-bit on the reference kernels, and (when
+compiled) with the quantizers as opaque kernels in the compiled graph instead of fused into it
+(`kernels.opaque_under_compile`).
 All cases of a table take turns in every timed round (after warm-up), so a busy machine slows
 them alike: "ms" is the median over rounds, each ratio the median of the per-round ratios.
 Step configurations that do not fit in --budget-s (or fail) are skipped and listed, so the script

@@ -27,9 +27,16 @@ from nulsq.quant import initialize_quantizers, kernels
 from nulsq.quant.from_run import load_progressive
 from nulsq.train import distributed as D
 from nulsq.train.build import build_model, quantize
-from nulsq.train.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text,
-                                    config_fingerprint, find_resume, load_checkpoint, rng_state,
-                                    set_rng_state)
+from nulsq.train.checkpoint import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    config_fingerprint,
+    find_resume,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from nulsq.train.loop import StageState, StepContext, evaluate, train_epoch
 from nulsq.train.plan import StagePlan, build_stage_optim, is_quantized
 from nulsq.train.preflight import preflight

@@ -53,18 +53,15 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def check_names(cfg: DictConfig, stages: list[StagePlan]) -> None:
-    """Every registry name the config picks, the error naming the key (`key: unknown ...`)."""
+    """Every registry name the config picks, the error naming the key (`key: unknown ...`);
+    quantizer kinds are checked where the model is converted (`convert.quantize_model`)."""
     from nulsq import data, models
-    from nulsq.quant import QUANTIZERS
     from nulsq.quant.init import INITS
     from nulsq.train.optim import OPTIMIZERS
 
     picks = [("model.name", models.MODELS, cfg.model.name),
              ("dataset.name", data.DATASETS, cfg.dataset.name),
              ("init.method", INITS, cfg.init.method)]
-    for role in ("weight", "act"):
-        if cfg.quantizer[role] is not None:
-            picks.append((f"quantizer.{role}.kind", QUANTIZERS, cfg.quantizer[role].kind))
     for stage in stages:
         picks += [(f"optim.{group}.name", OPTIMIZERS, stage.optim[group].name)
                   for group in ("weights", "quant")]
@@ -113,13 +110,25 @@ def check_data_root(dataset_cfg: DictConfig) -> None:
 
 
 def meta_model(cfg: DictConfig) -> nn.Module:
-    """The run's network on the meta device: its real structure, no memory, no weights read."""
+    """The run's network on the meta device: its real structure, no memory, no weights read.
+
+    The class count is known only once the data is loaded; the head's width changes neither the
+    quantizer plan nor the parameter groups, so `dataset.num_classes` stands in for it. A network
+    whose constructor computes on its tensors (no meta support) is built on the CPU instead.
+    """
     from nulsq.train.build import build_model
 
-    with torch.device("meta"):
-        model, _ = build_model(cfg, int(cfg.dataset.num_classes), quantized=False, verbose=False,
-                               load_pretrained=False, image_size=cfg.dataset.image_size)
-    return model
+    def build() -> nn.Module:
+        return build_model(cfg, int(cfg.dataset.num_classes), quantized=False, verbose=False,
+                           load_pretrained=False, image_size=cfg.dataset.image_size)[0]
+
+    try:
+        with torch.device("meta"):
+            return build()
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001  (the CPU build below raises what is really wrong)
+        return build()
 
 
 def check_plan(cfg: DictConfig, stages: list[StagePlan]) -> None:

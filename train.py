@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from nulsq.cli import check_group_choices, rank_overrides, report_user_errors
+from nulsq.cli import check_group_choices, preflight_command_line, rank_overrides, report_user_errors
 from nulsq.config import register_schema
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -38,5 +38,7 @@ if __name__ == "__main__":
     # Before Hydra parses: an unknown group option is one line, and torchrun ranks > 0 keep
     # their Hydra output out of the run directories.
     report_user_errors(lambda: check_group_choices(sys.argv[1:], CONFIG_DIR))
+    # Every config mistake before Hydra makes a run directory (run() checks again, for the API).
+    report_user_errors(lambda: preflight_command_line(sys.argv[1:], CONFIG_DIR))
     sys.argv = rank_overrides(sys.argv, os.environ)
     main()

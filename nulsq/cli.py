@@ -3,6 +3,9 @@
 - User mistakes become one line on stderr and exit status 2 (`report_user_errors`), including an
   unknown config group option, which Hydra itself reports over a dozen lines
   (`check_group_choices`, run on the command line before Hydra composes).
+- Before Hydra makes its run directory, `preflight_command_line` composes the config as Hydra is
+  about to (`compose`: a refused key or value is one line) and runs the trainer's preflight on it,
+  with Hydra's run directory among the folders checked: a mistake leaves no folder behind.
 - Under torchrun, ranks other than 0 must not make a Hydra run directory of their own: with the
   default `${now:...}` directory name two ranks may disagree by a second and leave a stray
   folder. `rank_overrides` sends their Hydra output to a throwaway folder; the run directory
@@ -86,6 +89,62 @@ def check_group_choices(overrides: Sequence[str], config_dir: Path) -> None:
                     f"unknown {group} '{name}' (no {folder / name}.yaml); valid {group} options: "
                     f"{', '.join(_options(folder))}"
                 )
+
+
+def compose(overrides: Sequence[str], config_dir: Path, with_hydra: bool = False):
+    """The config `python train.py <overrides>` composes (with Hydra's own node if asked); a key
+    or value the schema refuses, or an override Hydra cannot parse, is a one-line UserError.
+
+    Args:
+        overrides: command-line overrides (no flags such as -m or --cfg).
+        config_dir: the primary config folder (configs/).
+        with_hydra: keep the `hydra` node (run directory, sweeper) in the result.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    from nulsq.config import config_error
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        try:
+            return hydra_compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
+        except HydraException as err:
+            user_error = config_error(err)
+            if user_error is None:  # not the schema's refusal: Hydra's own first line
+                user_error = UserError(str(err).strip().splitlines()[0])
+            raise user_error from None
+
+
+# Arguments after which the command line is not one plain run: Hydra's flags (-m, --cfg, --help,
+# -cn, ...) and sweeps; each multirun job runs the preflight itself (`nulsq.train.run`).
+_NOT_ONE_RUN = ("-", "hydra.mode", "hydra/sweeper", "hydra.sweeper")
+
+
+def preflight_command_line(overrides: Sequence[str], config_dir: Path) -> None:
+    """Check a plain `python train.py <overrides>` before Hydra creates its run directory: the
+    config composes, the trainer's preflight passes, and hydra.run.dir can be made. Raises
+    UserError; does nothing for multirun or Hydra's own flags."""
+    if any(arg.lstrip("+~").startswith(_NOT_ONE_RUN) for arg in overrides):
+        return
+    from omegaconf import OmegaConf, open_dict
+
+    from nulsq.config import validate
+
+    cfg = compose(overrides, config_dir, with_hydra=True)  # before importing torch: fast to fail
+    try:
+        run_dir = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=True)
+    except Exception:  # noqa: BLE001  (a resolver only Hydra's run provides: Hydra checks it)
+        run_dir = None
+    with open_dict(cfg):
+        del cfg["hydra"]
+    cfg = validate(cfg)
+    from nulsq.train.preflight import check_output_dir, preflight
+
+    if run_dir:
+        check_output_dir(Path(run_dir), "hydra.run.dir")
+    output = Path(cfg.trainer.output_dir) if cfg.trainer.output_dir else None
+    preflight(cfg, output, "trainer.output_dir")
 
 
 def rank_overrides(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:

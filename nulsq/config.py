@@ -1,19 +1,82 @@
-"""The config schema: every key a run accepts, with its type and default.
+"""The config schema: every key a run accepts, with its type and its default.
+
+The defaults here are the values `python train.py` runs (the embedded demo); they live only here.
+A group file under configs/ states its option's name (for quantizers also the kinds and args)
+and only the keys where that option differs from these defaults (tests/test_config_defaults.py
+checks both).
 
 `validate(cfg)` merges a composed config into this schema, so a mistyped key or a wrong type fails
 at start with one line naming the key, instead of being silently ignored (the authors' code
-returned None for unknown keys). Group files under configs/ only set values; defaults live here.
+returned None for unknown keys). A key whose values form a fixed list is an Enum below: Hydra
+rejects any other value while it composes, and `config_error` turns that into one line naming the
+key, the bad value and the valid ones. Names a plugin can add to (models, datasets, quantizer kinds,
+initialisers, optimizers) stay strings, checked against their registry by the preflight.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from nulsq.errors import UserError
+
+
+class Choice(str, Enum):
+    """A value from a fixed list; it compares, hashes and prints as its string, so code reading
+    the config compares it with plain strings (`cfg.quantizer.step_guard == "clamp"`)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class GradScale(Choice):
+    none = "none"  # scale 1
+    lsq = "lsq"  # LSQ's 1/sqrt(N*Qp), N = elements (per sample for activations)
+    authors = "authors"  # the authors' code: N = channels for activations (docs/fidelity.md)
+
+
+class FirstLast(Choice):
+    dynamic8 = "dynamic8"  # the authors: 8-bit dynamic quantizers on the signed max, no clamp
+    dynamic8_absmax = "dynamic8_absmax"  # 8-bit dynamic on max|x|, clamped (before the ledger)
+    fp = "fp"  # left in full precision
+    same = "same"  # the configured quantizers and bits
+
+
+class StepGuard(Choice):
+    stop = "stop"  # a step size <= 0 or NaN stops the run
+    clamp = "clamp"  # it is clamped to quantizer.step_floor
+
+
+class InitReduce(Choice):
+    max = "max"  # the authors' code
+    mean = "mean"  # supplement D-III: LSQ init as the mean over 1,000 batches
+
+
+class InitProtocol(Choice):
+    authors = "authors"  # train mode, quantized forward, running max (the authors' stepsize_init)
+    fp_eval = "fp_eval"  # the full-precision network observed in eval mode
+
+
+class ScheduleName(Choice):
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Device(Choice):
+    auto = "auto"  # CUDA if visible, else CPU
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 @dataclass
@@ -57,14 +120,15 @@ class RoleConfig:
 
 @dataclass
 class QuantizerConfig:
-    name: str = "fp"
-    bits: int = 32
-    weight: Optional[RoleConfig] = None  # null = weights stay full precision
-    act: Optional[RoleConfig] = None  # null = activations stay full precision
-    grad_scale: str = "none"  # none | lsq (1/sqrt(N*Qp), Esser) | authors (their N; docs/fidelity.md)
-    first_last: str = "dynamic8"  # dynamic8 (authors) | dynamic8_absmax | fp | same
+    name: str = "nulsq_a"
+    bits: int = 2
+    # null = weights (activations) stay full precision
+    weight: Optional[RoleConfig] = field(default_factory=lambda: RoleConfig(kind="lsq"))
+    act: Optional[RoleConfig] = field(default_factory=lambda: RoleConfig(kind="nulsq"))
+    grad_scale: GradScale = GradScale.none
+    first_last: FirstLast = FirstLast.dynamic8
     signed_act: Optional[bool] = None  # null = the model's own (signed for Swin-T, ConvNeXt)
-    step_guard: str = "stop"  # stop | clamp: what to do when a step size goes <= 0 or NaN
+    step_guard: StepGuard = StepGuard.stop  # what to do when a step size goes <= 0 or NaN
     step_floor: float = 1.0e-6  # the clamp floor for step_guard=clamp
 
 
@@ -74,7 +138,7 @@ class OptimGroupConfig:
     lr: float = 0.01
     momentum: float = 0.9
     nesterov: bool = False
-    weight_decay: float = 0.0
+    weight_decay: float = 1.0e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1.0e-8
 
@@ -82,30 +146,32 @@ class OptimGroupConfig:
 @dataclass
 class OptimConfig:
     weights: OptimGroupConfig = field(default_factory=OptimGroupConfig)
-    quant: OptimGroupConfig = field(default_factory=lambda: OptimGroupConfig(name="adamw", lr=1e-4))
+    quant: OptimGroupConfig = field(
+        default_factory=lambda: OptimGroupConfig(name="adamw", lr=1.0e-3, weight_decay=0.0)
+    )
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # cosine | constant
+    name: ScheduleName = ScheduleName.cosine
     warmup_epochs: float = 0.0
     warmup_lr: float = 0.0
 
 
 @dataclass
 class InitConfig:
-    method: str = "mse"  # lsq | mse | mse_search
-    batches: int = 100
-    reduce: str = "max"  # max (authors' code) | mean (supplement D-III LSQ init over 1,000 batches)
+    method: str = "mse"  # lsq | mse | mse_search (nulsq.quant.init.INITS)
+    batches: int = 20
+    reduce: InitReduce = InitReduce.max
     from_run: Optional[str] = None  # progressive: a (b+1)-bit run directory or checkpoint
-    protocol: str = "authors"  # authors (train mode, quantized forward) | fp_eval (docs/fidelity.md)
+    protocol: InitProtocol = InitProtocol.authors  # docs/fidelity.md
 
 
 @dataclass
 class PretrainConfig:
     """Full-precision training inside the same run before QAT (the embedded demo)."""
 
-    epochs: int = 0
+    epochs: int = 12  # 0 = start QAT from model.pretrained
     lr: float = 0.1
     weight_decay: float = 5.0e-4
     warmup_epochs: float = 0.0
@@ -113,16 +179,16 @@ class PretrainConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 10
+    epochs: int = 8
     max_steps: Optional[int] = None  # stop each training stage after this many steps
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto
     seed: int = 0
     compile: Any = "auto"  # auto (on for CUDA) | true | false
     amp: Any = "auto"  # auto (bf16 on CUDA) | true | false (fp32: the paper's precision)
     channels_last: Any = "auto"
     resume: Optional[str] = None  # null | auto | path to a checkpoint
     trust_checkpoint: bool = False  # read checkpoints of nulsq before its safe format (numpy, no code)
-    log_interval: int = 50
+    log_interval: int = 10
     sync_bn: bool = False
     output_dir: Optional[str] = None  # null = Hydra's run directory (or ./runs/<name> without Hydra)
 
@@ -169,9 +235,30 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     try:
         merged = OmegaConf.merge(schema, cfg)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        reason = str(err).splitlines()[0]
-        raise UserError(
-            f"bad config key '{key}': {reason}; see nulsq/config.py for every valid key"
-        ) from None
+        raise config_error(err) from None
     return merged
+
+
+def config_error(err: BaseException) -> UserError | None:
+    """The one-line UserError for a config OmegaConf refused (`err` or one of its causes, e.g.
+    Hydra's ConfigCompositionException around it): an unknown key with the valid keys beside it,
+    or a bad value with the reason (for an Enum: the valid values). None if no cause is OmegaConf's.
+    """
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if cause is None:
+        return None
+    key = getattr(cause, "full_key", None) or "?"
+    reason = str(getattr(cause, "msg", cause)).splitlines()[0]
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        parent, _, _ = key.rpartition(".")
+        schema = OmegaConf.structured(Config)
+        node = OmegaConf.select(schema, parent) if parent else schema
+        valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+        where = f"valid {parent} keys" if parent else "valid top-level keys"
+        if valid:
+            return UserError(f"unknown config key '{key}'; {where}: {', '.join(valid)}")
+        # a free-form mapping such as quantizer.act.args: keys are added with +
+        return UserError(f"unknown config key '{key}'; add it with +{key}=<value>")
+    return UserError(f"bad value for config key '{key}': {reason}; see nulsq/config.py")

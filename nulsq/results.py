@@ -29,12 +29,10 @@ import yaml
 
 from nulsq.errors import UserError
 from nulsq.protocol import protocol_tag
-from nulsq.registry import Registry
 from nulsq.rundir import find_run_dirs
 
 GroupKey = tuple[str, str, str, int]  # (table, model, row, bits)
 RowKey = Callable[[dict], str]
-ROW_KEYS: Registry[RowKey] = Registry("table row key")
 
 
 def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
@@ -54,15 +52,14 @@ def _recipe(cfg: dict) -> str:
     return f"{_get(cfg, 'optim.quant.name')}+{_get(cfg, 'init.method')}"
 
 
-# Tables whose rows are training recipes of one method rather than methods.
-ROW_KEYS.register("1")(_recipe)
-ROW_KEYS.register("C")(_recipe)
+# Tables whose rows are training recipes of one method rather than methods: table -> row key.
+ROW_KEYS: dict[str, RowKey] = {"1": _recipe, "C": _recipe}
 
 
 def row_key(table: str, cfg: dict) -> str:
     """The row a run belongs to in `table`: the recipe for ROW_KEYS tables, else the method."""
     if table in ROW_KEYS:
-        return ROW_KEYS.get(table)(cfg)
+        return ROW_KEYS[table](cfg)
     return str(_get(cfg, "quantizer.name"))
 
 

@@ -9,11 +9,12 @@ LSQ op and a plain copy `y.copy_(x)`, with the ratio to the memory floor: 20 byt
 (forward reads x, writes y; backward reads x and dy, writes dx) at the copy's bandwidth; without
 --quick also the reference kernels (A/B).
 Step level: one training step (forward, loss, backward, optimizer steps) of the models the paper
-times, built as the trainer builds them (`nulsq.models.build`, `nulsq.quant.quantize_model`, the
-real configs/quantizer/*.yaml, the trainer's optimizers; bf16 autocast + channels_last +
-torch.compile on CUDA, fp32 eager on CPU unless --compile on), with ratios to the same model's FP
-step. A/B rows: nuLSQ-A 2-bit on the reference kernels, and (when compiled) with the quantizers as
-opaque kernels in the compiled graph instead of fused into it (`kernels.opaque_under_compile`).
+times, with the trainer's own code (`nulsq.train.build`, the real configs/quantizer/*.yaml, the
+optimizers and schedules of the run's last planned stage, `nulsq.train.loop.train_step`; bf16
+autocast + channels_last + torch.compile on CUDA, fp32 eager on CPU unless --compile on), with
+ratios to the same model's FP step. A/B rows: nuLSQ-A 2-bit on the reference kernels, and (when
+compiled) with the quantizers as opaque kernels in the compiled graph instead of fused into it
+(`kernels.opaque_under_compile`).
 All cases of a table take turns in every timed round (after warm-up), so a busy machine slows
 them alike: "ms" is the median over rounds, each ratio the median of the per-round ratios.
 Step configurations that do not fit in --budget-s (or fail) are skipped and listed, so the script
@@ -32,13 +33,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as TF
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nulsq.quant import functional as F  # noqa: E402
-from nulsq.quant import kernels  # noqa: E402  (registers the fast paths)
+from nulsq.quant import kernels  # noqa: E402
 
 # -- timing --------------------------------------------------------------------------------------
 
@@ -162,35 +162,36 @@ def compose(model: str, method: str, bits: int):
 
 def make_step(cfg, device: torch.device, batch: int, size: int, compile: bool
               ) -> Callable[[], None]:
-    """One training step of cfg's model as nulsq.train's loop runs it, on fixed random data."""
-    from nulsq import models
-    from nulsq.quant import initialize_quantizers, quantize_model
-    from nulsq.train.optim import build_optimizers
+    """One training step of cfg's model as nulsq.train runs it (its model, quantizer plan and the
+    optimizers and schedules its last planned stage builds, `loop.train_step`), on fixed random
+    data, with the trainer's "auto" runtime for `device`."""
+    from nulsq.quant import initialize_quantizers
+    from nulsq.train.build import build_model, quantize
+    from nulsq.train.loop import train_step
+    from nulsq.train.plan import build_stage_optim, plan_stages
+    from nulsq.train.runtime import Runtime
 
     torch.manual_seed(0)
-    model = models.build({**cfg.model, "pretrained": False, "input_size": size}, 10)
-    spec = models.MODELS.get(cfg.model.name)
-    quantize_model(model, cfg.quantizer, spec.signed_activations, cfg.init.method, verbose=False)
     cuda = device.type == "cuda"
+    runtime = Runtime(device, amp=cuda, channels_last=cuda, compile=compile)
+    stage = plan_stages(cfg)[-1]  # QAT for a quantizer, FP for quantizer=fp
+    model, _ = build_model(cfg, 10, quantized=False, verbose=False, load_pretrained=False,
+                           image_size=size)
+    if stage.quantized:
+        quantize(model, cfg, verbose=False)
     model = model.to(device)
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
-    if cuda:  # the trainer's "auto" runtime on CUDA
+    if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     initialize_quantizers(model, [(images, labels)], 1)
-    optimizers = build_optimizers(model, cfg.optim)
-    net = torch.compile(model) if compile else model
+    optimizers, schedulers = build_stage_optim(model, stage, steps_per_epoch=1)
+    net = torch.compile(model) if runtime.compile else model
     model.train()
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = TF.cross_entropy(net(images), labels)
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers.values():
-            opt.step()
+        train_step(net, images, labels, optimizers, schedulers, runtime.autocast)
 
     return step
 

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from nulsq.errors import UserError
-from nulsq.registry import Registry
 from nulsq.module_names import strip_wrappers
 
 log = logging.getLogger(__name__)
@@ -31,7 +30,6 @@ SHOWN_KEYS = 3
 
 StateDict = dict[str, torch.Tensor]
 WeightStore = Callable[[nn.Module, str, "str | None"], Path]
-WEIGHT_STORES: Registry[WeightStore] = Registry("weight store")
 
 
 def _torch_reader(path: Path) -> Any:
@@ -186,13 +184,18 @@ def cached_weights(source: str, model: nn.Module, arch: str, cache_dir: str | No
     Raises:
         UserError: the file is not there, naming it, the folder, and the offline alternative.
     """
-    return WEIGHT_STORES.get(source)(model, arch, cache_dir)
+    store = WEIGHT_STORES.get(source)
+    if store is None:
+        raise UserError(
+            f"no pretrained weight store for model source '{source}' (known: "
+            f"{', '.join(sorted(WEIGHT_STORES))}); {OFFLINE_HINT}"
+        )
+    return store(model, arch, cache_dir)
 
 
 OFFLINE_HINT = "or set model.pretrained=/path/to/file, which works offline"
 
 
-@WEIGHT_STORES.register("pytorchcv")
 def _pytorchcv_file(model: nn.Module, arch: str, cache_dir: str | None) -> Path:
     from pytorchcv.models.common import model_store
 
@@ -216,7 +219,6 @@ def _pytorchcv_file(model: nn.Module, arch: str, cache_dir: str | None) -> Path:
     )
 
 
-@WEIGHT_STORES.register("timm")
 def _timm_file(model: nn.Module, arch: str, cache_dir: str | None) -> Path:
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.file_download import repo_folder_name
@@ -242,3 +244,7 @@ def _timm_file(model: nn.Module, arch: str, cache_dir: str | None) -> Path:
         f"{snapshot / names[0]} (hub repo {repo}; fetch it where there is internet with "
         f"`huggingface-cli download {repo} {names[0]} --cache-dir {folder}`), {OFFLINE_HINT}"
     )
+
+
+# model source (ModelSpec.source) -> where that library caches a pretrained file
+WEIGHT_STORES: dict[str, WeightStore] = {"pytorchcv": _pytorchcv_file, "timm": _timm_file}

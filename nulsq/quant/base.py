@@ -21,14 +21,15 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from nulsq.config import GradScale, InitReduce
 from nulsq.errors import UserError
 from nulsq.registry import Registry
 
 QUANTIZERS: Registry[type["Quantizer"]] = Registry("quantizer kind")
-INIT_REDUCTIONS = ("max", "mean")
+INIT_REDUCTIONS = InitReduce.values()
 # none: g = 1; lsq: Esser et al.'s g = 1/sqrt(N*Qp), N = elements per sample (activations);
 # authors: the authors' code, N = channel count (activations); see `Quantizer.grad_scale`.
-GRAD_SCALES = ("none", "lsq", "authors")
+GRAD_SCALES = GradScale.values()
 
 
 def signed_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -69,7 +70,7 @@ class Quantizer(nn.Module):
         super().__init__()
         if bits not in self.supported_bits:
             raise UserError(
-                f"quantizer '{self.kind}' does not support {bits} bits; supported: "
+                f"quantizer.bits: quantizer '{self.kind}' does not support {bits} bits; supported: "
                 f"{', '.join(map(str, self.supported_bits))}"
             )
         if role not in ("weight", "act"):

@@ -10,19 +10,21 @@ signed (Swin-T, ConvNeXt: GELU/LayerNorm), or as `quantizer.signed_act` says.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from nulsq.config import FirstLast
 from nulsq.errors import UserError
 from nulsq.quant.base import QUANTIZERS, Quantizer
 from nulsq.quant.init_protocol import initialize_quantizers  # noqa: F401  (its historical home)
 
 # dynamic8: the authors' 8-bit first/last quantizer (signed max, no clamp); dynamic8_absmax: max|x|
 # on the clamped 8-bit grid; fp: left in full precision; same: the configured quantizers and bits.
-FIRST_LAST_POLICIES = ("dynamic8", "dynamic8_absmax", "fp", "same")
+FIRST_LAST_POLICIES = FirstLast.values()
 _DYNAMIC8 = {"dynamic8": "authors", "dynamic8_absmax": "absmax"}
 
 
@@ -53,9 +55,41 @@ class LayerPlan:
     act: str
 
 
+# Arguments every quantizer takes from quantize_model itself, never from `quantizer.<role>.args`.
+_BASE_ARGS = {"bits", "signed", "role", "grad_scale", "init_method", "init_reduce"}
+
+
+def accepted_args(cls: type[Quantizer]) -> list[str]:
+    """The keyword arguments `quantizer.<role>.args` may give a quantizer class: the named
+    parameters of its __init__ and of its bases' that it forwards **kwargs to."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return sorted(names - _BASE_ARGS)
+
+
 def _make(role_cfg, bits: int, signed: bool, role: str, qcfg, init_method: str,
           init_reduce: str) -> Quantizer:
-    cls = QUANTIZERS.get(role_cfg["kind"])
+    kind = role_cfg["kind"]
+    if kind not in QUANTIZERS:
+        raise UserError(f"quantizer.{role}.kind: unknown quantizer kind '{kind}'; valid names: "
+                        f"{', '.join(QUANTIZERS.names())}")
+    cls = QUANTIZERS.get(kind)
+    args = dict(role_cfg.get("args") or {})
+    valid = accepted_args(cls)
+    unknown = sorted(set(args) - set(valid))
+    if unknown:
+        raise UserError(
+            f"unknown key quantizer.{role}.args.{unknown[0]} for quantizer kind '{kind}'; valid "
+            f"args: {', '.join(valid) or 'none'}"
+        )
     return cls(
         bits=bits,
         signed=signed,
@@ -63,7 +97,7 @@ def _make(role_cfg, bits: int, signed: bool, role: str, qcfg, init_method: str,
         grad_scale=qcfg.grad_scale,
         init_method=init_method,
         init_reduce=init_reduce,
-        **dict(role_cfg.get("args") or {}),
+        **args,
     )
 
 
@@ -117,7 +151,8 @@ def quantize_model(
         else:
             wq_cfg, aq_cfg, bits = qcfg.weight, qcfg.act, qcfg.bits
         wq = _make(wq_cfg, bits, True, "weight", qcfg, init_method, init_reduce) if wq_cfg else nn.Identity()
-        aq = _make(aq_cfg, bits, act_signed, "act", qcfg, init_method, init_reduce) if aq_cfg else nn.Identity()
+        aq = (_make(aq_cfg, bits, act_signed, "act", qcfg, init_method, init_reduce) if aq_cfg
+              else nn.Identity())
         if isinstance(module, nn.Linear) and isinstance(aq, Quantizer):
             aq.channel_dim = -1  # a Linear's features are its input's last dimension
         module.__class__ = _TWINS[type(module)]  # keeps the Parameters (and optimizer refs) as they are

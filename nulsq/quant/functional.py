@@ -3,10 +3,11 @@
 Two public ops, `lsq` (supplement Eq. 1 and 4) and `nulsq` (supplement Eq. 5 and 10-12, with the
 Eq. 13 typo fixed: docs/maths.md writes every equation out), and `scale_grad`. Each of the two
 quantizer ops is an autograd Function whose forward and backward call a *kernel*: the plain-torch
-reference kernels below, or a fast path that `nulsq.quant.kernels` registers with
-`register_fast_path` for a device type (or for "compile", the path taken while torch.compile
-traces). Fast paths must match the reference kernels, which the tests check against float64
-transcriptions of the equations.
+reference kernels below, or a fast path registered with `register_fast_path` for a device type
+(or for "compile", the path taken while torch.compile traces). The first op call asks the kernel
+table (`nulsq.quant.kernels.load_defaults`) for this machine's fast paths, so importing this
+module alone never depends on an import order. Fast paths must match the reference kernels, which
+the tests check against float64 transcriptions of the equations.
 
 Rules every kernel follows (so that it works under torch.compile and CUDA graphs):
 - compute in fp32 whatever the input dtype; return x's dtype for y and dx, the steps' dtype for the
@@ -31,7 +32,7 @@ class Kernel(NamedTuple):
     backward: Callable[..., tuple[Tensor | None, ...]]
 
 
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t in dtype, skipping a no-op `.to`: torch 2.11's dynamo zeroes the gradient of an
     autograd.Function whose forward returns such a no-op cast (seen on CPU and CUDA)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -49,7 +50,7 @@ def lsq_forward_reference(x: Tensor, step: Tensor, qn: int, qp: int) -> Tensor:
         qn, qp: the grid is {-Qn s, ..., Qp s}.
     """
     s = step.float().reshape(())
-    return _cast(torch.round(torch.clamp(x.float() / s, -qn, qp)) * s, x.dtype)
+    return cast(torch.round(torch.clamp(x.float() / s, -qn, qp)) * s, x.dtype)
 
 
 def lsq_backward_reference(
@@ -78,13 +79,13 @@ def lsq_backward_reference(
     xs = x.float() / s
     xc = torch.clamp(xs, -qn, qp)
     dyf = dy.float()
-    dx = _cast(torch.where(xs == xc, dyf, 0.0), x.dtype) if need_x else None
+    dx = cast(torch.where(xs == xc, dyf, 0.0), x.dtype) if need_x else None
     dstep = None
     if need_step:
         # In the clipped branches round(xc) is already -Qn or Qp, so G = round(xc) - x/s*[inside].
         strictly_inside = (xs > -qn) & (xs < qp)
         g = torch.round(xc) - torch.where(strictly_inside, xs, 0.0)
-        dstep = _cast(((dyf * g).sum() * grad_scale).reshape(step.shape), step.dtype)
+        dstep = cast(((dyf * g).sum() * grad_scale).reshape(step.shape), step.dtype)
     return dx, dstep
 
 
@@ -111,8 +112,8 @@ class _MemoryOrder:
         return flat.view(self.shape).permute(self.inverse)
 
 
-class _NuGrid(NamedTuple):
-    """Lookup tables that classify x into cells with one bucketize (see `_nulsq_grid`)."""
+class NuGrid(NamedTuple):
+    """Lookup tables that classify x into cells with one bucketize (see `nulsq_grid`)."""
 
     boundaries: Tensor  # (2n+3,) ascending cell edges
     level_of_cell: Tensor  # (2n+4,) the output level of each cell
@@ -120,7 +121,7 @@ class _NuGrid(NamedTuple):
     widths: Tensor  # (n,) step of each interval between adjacent levels, ascending order
 
 
-def _nulsq_grid(pos_steps: Tensor, neg_steps: Tensor | None) -> _NuGrid:
+def nulsq_grid(pos_steps: Tensor, neg_steps: Tensor | None) -> NuGrid:
     """Build the cell tables of the grid from the steps (n = Qn + Qp intervals, fp32).
 
     With levels L_0 < ... < L_n (L_0 = -c'_Qn, L_Qn = 0, L_n = c_Qp) and the Eq. 5 thresholds
@@ -154,7 +155,7 @@ def _nulsq_grid(pos_steps: Tensor, neg_steps: Tensor | None) -> _NuGrid:
     )
     level_of_cell = torch.cat([bottom, levels.repeat_interleave(2), top])
     dx_of_cell = torch.cat([zero, torch.ones_like(levels).repeat_interleave(2), zero])
-    return _NuGrid(boundaries, level_of_cell, dx_of_cell, torch.cat([neg, pos]))
+    return NuGrid(boundaries, level_of_cell, dx_of_cell, torch.cat([neg, pos]))
 
 
 # Up to this many thresholds (Qn + Qp), the forward sums step functions (2 bits: 3 thresholds);
@@ -172,11 +173,11 @@ def nulsq_forward_reference(x: Tensor, pos_steps: Tensor, neg_steps: Tensor | No
     """
     qn = 0 if neg_steps is None else neg_steps.numel()
     if qn + pos_steps.numel() <= _MAX_THRESHOLDS_FOR_STEP_SUM:
-        return _cast(_sum_of_steps(x.float(), pos_steps, neg_steps), x.dtype)
-    grid = _nulsq_grid(pos_steps, neg_steps)
+        return cast(_sum_of_steps(x.float(), pos_steps, neg_steps), x.dtype)
+    grid = nulsq_grid(pos_steps, neg_steps)
     layout = _MemoryOrder(x)
     cell = torch.bucketize(layout.flatten(x.float()), grid.boundaries)
-    return layout.restore(_cast(torch.take(grid.level_of_cell, cell), x.dtype))
+    return layout.restore(cast(torch.take(grid.level_of_cell, cell), x.dtype))
 
 
 def _sum_of_steps(xf: Tensor, pos_steps: Tensor, neg_steps: Tensor | None) -> Tensor:
@@ -225,14 +226,14 @@ def nulsq_backward_reference(
         grad_scale: multiplies the step gradients only.
         need_x, need_steps: skip the gradients nobody asked for.
     """
-    grid = _nulsq_grid(pos_steps, neg_steps)
+    grid = nulsq_grid(pos_steps, neg_steps)
     layout = _MemoryOrder(x)
     xf = layout.flatten(x.float())
     dyf = layout.flatten(dy.float())
     cell = torch.bucketize(xf, grid.boundaries)
     dx = None
     if need_x:
-        dx = layout.restore(_cast(dyf * torch.take(grid.dx_of_cell, cell), x.dtype))
+        dx = layout.restore(cast(dyf * torch.take(grid.dx_of_cell, cell), x.dtype))
     if not need_steps:
         return dx, None, None
     num_cells = grid.level_of_cell.numel()
@@ -269,12 +270,12 @@ def nulsq_step_gradients(
     """
     per_interval = interior / widths
     qn = 0 if neg_steps is None else neg_steps.numel()
-    dpos = _cast(((per_interval[qn:] + above) * grad_scale).reshape(pos_steps.shape),
+    dpos = cast(((per_interval[qn:] + above) * grad_scale).reshape(pos_steps.shape),
                  pos_steps.dtype)
     if neg_steps is None:
         return dpos, None
     dneg = (per_interval[:qn].flip(0) - below) * grad_scale
-    return dpos, _cast(dneg.reshape(neg_steps.shape), neg_steps.dtype)
+    return dpos, cast(dneg.reshape(neg_steps.shape), neg_steps.dtype)
 
 
 # On a GPU, thousands of threads adding into the same few bins serialise on atomics (measured on
@@ -308,6 +309,19 @@ _REFERENCE: dict[str, Kernel] = {
     "nulsq": Kernel(nulsq_forward_reference, nulsq_backward_reference),
 }
 _FAST_PATHS: dict[tuple[str, str], Kernel] = {}
+_fast_paths_loaded = False  # whether the kernel table has been asked (see load_fast_paths)
+
+
+def load_fast_paths() -> None:
+    """Ask the kernel table for this machine's fast paths, once per process: the first op call
+    does, as do `kernels.enable()` / `disable()`, so an explicit choice made before is kept."""
+    global _fast_paths_loaded
+    if _fast_paths_loaded:
+        return
+    _fast_paths_loaded = True
+    from nulsq.quant import kernels  # here, not at the top: kernels import this module
+
+    kernels.load_defaults()
 
 
 def register_fast_path(op: str, device_type: str, kernel: Kernel | None) -> Kernel | None:
@@ -331,6 +345,8 @@ def register_fast_path(op: str, device_type: str, kernel: Kernel | None) -> Kern
 
 
 def _kernel(op: str, x: Tensor) -> Kernel:
+    if not _fast_paths_loaded:
+        load_fast_paths()
     if torch.compiler.is_compiling():
         # While torch.compile traces, a path registered for the pseudo device type "compile"
         # (code inductor can fuse with the layers around it) wins over the device's own.

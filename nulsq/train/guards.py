@@ -9,8 +9,6 @@ from torch import nn
 from nulsq.errors import UserError
 from nulsq.quant.convert import quantizers
 
-GUARD_MODES = ("stop", "clamp")
-
 
 class StepSizeError(UserError):
     """A step size became <= 0 or NaN (supplement: happens with plain SGD on nuLSQ)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as TF
@@ -90,6 +91,31 @@ def _all_finite(model: nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizers: dict,
+               schedulers: dict, autocast: Callable[[], ContextManager]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step: forward under `autocast()`, cross-entropy, backward, then every
+    optimizer's step and its per-step schedule's. Returns (logits, loss) on the device: no host
+    sync. The trainer's loop and scripts/bench.py both call it.
+
+    Args:
+        model: the module to call (DDP- or torch.compile-wrapped as the runtime says).
+        images, labels: one batch, on the model's device.
+        optimizers: parameter group ("weights", "quant") -> optimizer (nulsq.train.plan).
+        schedulers: the same keys -> LambdaLR, stepped once per optimizer step.
+        autocast: the runtime's autocast context factory (`Runtime.autocast`).
+    """
+    with autocast():
+        logits = model(images)
+        loss = TF.cross_entropy(logits, labels)
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for name, opt in optimizers.items():
+        opt.step()
+        schedulers[name].step()
+    return logits, loss
+
+
 def train_epoch(model: nn.Module, raw_model: nn.Module, loader, state: StageState, ctx: StepContext) -> dict:
     """Run the rest of the current epoch (or until max_steps); returns train loss and top-1 over
     the epoch. A checkpoint taken mid-epoch resumes here: the loader's order depends only on
@@ -106,15 +132,8 @@ def train_epoch(model: nn.Module, raw_model: nn.Module, loader, state: StageStat
             break
         if ctx.runtime.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with ctx.runtime.autocast():
-            logits = model(images)
-            loss = TF.cross_entropy(logits, labels)
-        for opt in ctx.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for name, opt in ctx.optimizers.items():
-            opt.step()
-            ctx.schedulers[name].step()
+        logits, loss = train_step(model, images, labels, ctx.optimizers, ctx.schedulers,
+                                  ctx.runtime.autocast)
         if ctx.step_guard == "clamp":
             clamp_step_sizes(raw_model, ctx.step_floor)
         batch = labels.shape[0]

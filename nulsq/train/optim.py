@@ -17,7 +17,6 @@ from nulsq.quant.base import quantizer_parameters
 from nulsq.registry import Registry
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
-SCHEDULES: Registry[Callable[[float], float]] = Registry("schedule")
 
 
 @OPTIMIZERS.register("sgd")
@@ -34,14 +33,16 @@ def _adamw(params, g) -> torch.optim.Optimizer:
     )
 
 
-@SCHEDULES.register("cosine")
 def _cosine(progress: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
-@SCHEDULES.register("constant")
 def _constant(progress: float) -> float:
     return 1.0
+
+
+# schedule.name (the schema's ScheduleName) -> lr multiplier at progress in [0, 1] after warm-up
+SCHEDULES: dict[str, Callable[[float], float]] = {"cosine": _cosine, "constant": _constant}
 
 
 def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -82,7 +83,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, warmup_ratio: floa
     """
     if step < warmup_steps:
         return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
-    decay = SCHEDULES.get(schedule)
+    decay = SCHEDULES[schedule]
     return decay((step - warmup_steps) / max(1, total_steps - warmup_steps))
 
 
@@ -94,7 +95,8 @@ def build_schedulers(
     epochs: int,
 ) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
     """A per-step LambdaLR for each optimizer (stepped once per optimizer step)."""
-    SCHEDULES.get(sched_cfg.name)  # fail early on an unknown name
+    if sched_cfg.name not in SCHEDULES:  # fail early on an unknown name
+        raise UserError(f"unknown schedule.name '{sched_cfg.name}'; valid: {', '.join(SCHEDULES)}")
     total = steps_per_epoch * epochs
     warmup = int(round(sched_cfg.warmup_epochs * steps_per_epoch))
     schedulers = {}

@@ -1,13 +1,18 @@
-"""`run(cfg)`: one training run from a composed config, start to summary.
+"""`run(cfg)`: one training run from a composed config, start to summary, as a recipe.
 
-Reads straight down: validate -> run directory -> data -> model -> [FP pretraining stage] ->
-quantize -> initialise step sizes (or merge from a (b+1)-bit run) -> QAT stage -> summary.json.
+    preflight   validate the config, plan its stages, check everything (nulsq.train.preflight)
+    setup       run directory and resume point -> config.yaml -> seeds -> data -> logger -> model
+    train       each planned stage (nulsq.train.plan): FP, then quantize + initial step sizes
+                (or a merge from a (b+1)-bit run) + QAT
+    cleanup     summary.json and the final line, also when a stage fails
+
 Each stage checkpoints every epoch, so `trainer.resume=auto` continues either stage exactly.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,30 +23,39 @@ from nulsq import data as datasets
 from nulsq.config import validate
 from nulsq.errors import UserError
 from nulsq.log import build_logger, quantizer_snapshot
-from nulsq.protocol import check_switches, run_protocol
+from nulsq.protocol import run_protocol
 from nulsq.quant import initialize_quantizers, kernels
 from nulsq.quant.progressive import load_progressive
-from nulsq.rundir import resolve_checkpoint
 from nulsq.train import distributed as D
 from nulsq.train.build import build_model, quantize
-from nulsq.train.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text,
-                                    config_fingerprint, find_resume, load_checkpoint, rng_state,
-                                    save_checkpoint, set_rng_state)
+from nulsq.train.checkpoint import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    config_fingerprint,
+    find_resume,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from nulsq.train.loop import StageState, StepContext, evaluate, train_epoch
-from nulsq.train.optim import build_optimizers, build_schedulers
+from nulsq.train.plan import StagePlan, build_stage_optim, is_quantized
+from nulsq.train.preflight import preflight
 from nulsq.train.runtime import Runtime, resolve_runtime, seed_everything
 
 
-def _run_dir(cfg: DictConfig) -> Path:
-    """trainer.output_dir, else Hydra's run directory, else runs/<experiment>/<time>."""
+def _run_dir(cfg: DictConfig) -> tuple[Path, str]:
+    """(folder, the key that chose it): trainer.output_dir, else Hydra's run directory, else
+    runs/<experiment>/<time>."""
     if cfg.trainer.output_dir:
-        return Path(cfg.trainer.output_dir)
+        return Path(cfg.trainer.output_dir), "trainer.output_dir"
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return Path(HydraConfig.get().runtime.output_dir)
+        return Path(HydraConfig.get().runtime.output_dir), "hydra.run.dir"
     except (ImportError, ValueError):
-        return Path("runs") / cfg.experiment / time.strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / cfg.experiment / time.strftime("%Y%m%d-%H%M%S"), "trainer.output_dir"
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -55,25 +69,6 @@ def _check_writable(run_dir: Path) -> None:
             f"cannot write to the output directory {run_dir} ({err.strerror}); "
             f"set trainer.output_dir or hydra.run.dir to a writable folder"
         ) from None
-
-
-def _check_values(cfg: DictConfig) -> None:
-    """Values that can never train, rejected before any work."""
-    if cfg.trainer.epochs <= 0:
-        raise UserError(f"trainer.epochs must be > 0, got {cfg.trainer.epochs}")
-    if cfg.dataset.batch_size <= 0:
-        raise UserError(f"dataset.batch_size must be > 0, got {cfg.dataset.batch_size}")
-    if cfg.trainer.max_steps is not None and cfg.trainer.max_steps <= 0:
-        raise UserError(f"trainer.max_steps must be > 0 or null, got {cfg.trainer.max_steps}")
-    if cfg.pretrain.epochs < 0 or cfg.pretrain.lr <= 0:
-        raise UserError("pretrain.epochs must be >= 0 and pretrain.lr > 0")
-    if cfg.quantizer.step_guard not in ("stop", "clamp"):
-        raise UserError(f"unknown quantizer.step_guard '{cfg.quantizer.step_guard}'; valid: clamp, stop")
-    if cfg.init.from_run:  # a progressive run whose source is missing fails before any work
-        resolve_checkpoint(cfg.init.from_run)
-    if cfg.trainer.log_interval <= 0:
-        raise UserError(f"trainer.log_interval must be > 0, got {cfg.trainer.log_interval}")
-    check_switches(cfg)  # init.protocol, quantizer.grad_scale, quantizer.first_last
 
 
 def _meta(cfg: DictConfig) -> dict:
@@ -114,27 +109,38 @@ def _wrap(model: nn.Module, runtime: Runtime, dist: D.DistInfo, sync_bn: bool) -
     return model
 
 
-class _Stage:
-    """One training stage (FP pretraining or QAT) with its optimizers, schedule and checkpoints."""
+@dataclass
+class RunContext:
+    """What every stage of one run shares (built by the setup steps)."""
 
-    def __init__(self, name, cfg, model, bundle, runtime, dist, log, run_dir, optim_cfg, sched_cfg,
-                 epochs, fingerprint, step_offset=0):
-        self.name, self.cfg, self.raw_model = name, cfg, model
-        self.bundle, self.runtime, self.dist, self.log, self.run_dir = bundle, runtime, dist, log, run_dir
-        self.fingerprint = fingerprint
-        self.optimizers = build_optimizers(model, optim_cfg)
-        self.schedulers = build_schedulers(self.optimizers, sched_cfg, optim_cfg, len(bundle.train),
-                                           epochs)
-        self.state = StageState(name, epochs, len(bundle.train))
-        self.ctx = StepContext(runtime, dist, self.optimizers, self.schedulers, log,
-                               cfg.trainer.log_interval, cfg.trainer.max_steps,
-                               cfg.quantizer.step_guard if name == "qat" else "none",
+    cfg: DictConfig
+    runtime: Runtime
+    dist: D.DistInfo
+    run_dir: Path
+    fingerprint: str  # of the config, stored in every checkpoint (see checkpoint.find_resume)
+    bundle: datasets.DataBundle
+    log: object  # RunLogger
+
+
+class _Stage:
+    """One planned training stage (FP pretraining or QAT) of `model`: its optimizers, schedule,
+    counters and checkpoints."""
+
+    def __init__(self, plan: StagePlan, model: nn.Module, ctx: RunContext, step_offset: int = 0):
+        cfg, bundle = ctx.cfg, ctx.bundle
+        self.name, self.plan, self.cfg, self.raw_model = plan.name, plan, cfg, model
+        self.bundle, self.runtime, self.dist, self.log = bundle, ctx.runtime, ctx.dist, ctx.log
+        self.run_dir, self.fingerprint = ctx.run_dir, ctx.fingerprint
+        self.optimizers, self.schedulers = build_stage_optim(model, plan, len(bundle.train))
+        self.state = StageState(plan.name, plan.epochs, len(bundle.train))
+        self.ctx = StepContext(ctx.runtime, ctx.dist, self.optimizers, self.schedulers, ctx.log,
+                               cfg.trainer.log_interval, cfg.trainer.max_steps, plan.step_guard,
                                cfg.quantizer.step_floor)
         self.state.step_offset = step_offset
-        self.model = _wrap(model, runtime, dist, cfg.trainer.sync_bn)
+        self.model = _wrap(model, ctx.runtime, ctx.dist, cfg.trainer.sync_bn)
         # Evaluation needs no DDP: its per-forward buffer broadcast would hang on val shards with
         # unequal batch counts. Rank 0's buffers are broadcast once before each evaluation instead.
-        self.eval_model = model if dist.enabled else self.model
+        self.eval_model = model if ctx.dist.enabled else self.model
 
     @property
     def finished(self) -> bool:
@@ -216,19 +222,34 @@ def run(cfg: DictConfig) -> dict:
     """Train as `cfg` says; returns the summary that is also written to summary.json."""
     t_start = time.time()
     cfg = validate(cfg)
-    _check_values(cfg)
+    plan = preflight(cfg, *_run_dir(cfg))  # every mistake, before any data or step
     device_type = "cuda" if cfg.trainer.device != "cpu" and torch.cuda.is_available() else "cpu"
     dist = D.init_distributed(device_type)
     try:
         D.check_sync_bn(cfg.trainer.sync_bn, device_type, dist)
-        return _run(cfg, dist, t_start)
+        ctx, ckpt = _setup(cfg, dist)
+        summary = {**_meta(cfg), "status": "running", "run_dir": str(ctx.run_dir),
+                   "runtime": _runtime_meta(ctx.runtime, dist),
+                   "protocol": run_protocol(cfg, ctx.runtime.amp)}
+        try:
+            model = _setup_model(ctx, ckpt)
+            stages, last = _train(plan, model, ctx, ckpt, summary)
+        except BaseException as err:
+            _record_failure(ctx, summary, err)
+            raise
+        return _finish(ctx, stages, last, summary, t_start)
     finally:
         D.cleanup(dist)
 
 
-def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
+# -- setup ---------------------------------------------------------------------------------------
+
+
+def _setup(cfg: DictConfig, dist: D.DistInfo) -> tuple[RunContext, dict | None]:
+    """Run directory and resume point, config.yaml, seeds, data, logger; returns the run's
+    context and the checkpoint to resume from (None for a fresh start)."""
     runtime = resolve_runtime(cfg.trainer, dist.local_rank)
-    run_dir = Path(D.broadcast_object(str(_run_dir(cfg)), dist))
+    run_dir = Path(D.broadcast_object(str(_run_dir(cfg)[0]), dist))
     fingerprint = config_fingerprint(cfg)
     # Rank 0 picks (siblings are ordered by mtime), so every rank resumes the same file.
     found = find_resume(cfg.trainer.resume, run_dir, fingerprint)
@@ -248,75 +269,94 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
     torch.backends.cudnn.benchmark = True
 
     bundle = datasets.build(cfg.dataset, runtime.device, cfg.trainer.seed, dist.rank, dist.world_size)
-    log = build_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), _meta(cfg),
-                       rank=dist.rank, resume_id=ckpt.get("wandb_id") if ckpt else None)
+    log = build_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                       _meta(cfg), rank=dist.rank, resume_id=ckpt.get("wandb_id") if ckpt else None)
     if dist.is_main:
         print(f"run directory: {run_dir}", flush=True)
+    return RunContext(cfg, runtime, dist, run_dir, fingerprint, bundle, log), ckpt
 
-    quantized = cfg.quantizer.weight is not None or cfg.quantizer.act is not None
-    resume_stage = ckpt["stage"] if ckpt else None
-    summary = {**_meta(cfg), "status": "running", "run_dir": str(run_dir),
-               "runtime": _runtime_meta(runtime, dist), "protocol": run_protocol(cfg, runtime.amp)}
+
+def _setup_model(ctx: RunContext, ckpt: dict | None) -> nn.Module:
+    """The FP network on the run's device, the same on every rank (pretrained weights unless a
+    checkpoint will overwrite them)."""
+    model, _ = build_model(ctx.cfg, ctx.bundle.num_classes, quantized=False, verbose=False,
+                           load_pretrained=ckpt is None, image_size=ctx.bundle.image_size)
+    model = model.to(ctx.runtime.device)
+    D.broadcast_state(model, ctx.dist)  # ranks seed differently: start every rank from rank 0's net
+    if ctx.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+
+def _train(plan: list[StagePlan], model: nn.Module, ctx: RunContext, ckpt: dict | None,
+           summary: dict) -> tuple[list[_Stage], dict]:
+    """Run the planned stages, from the checkpoint's stage when resuming; a stage stopped by
+    trainer.max_steps ends the call (the next one starts on resume). Returns the stages run and
+    the last metrics of the last one."""
+    order = [p.name for p in plan]
+    first = order.index(ckpt["stage"]) if ckpt else 0
     stages: list[_Stage] = []
-    try:
-        model, _ = build_model(cfg, bundle.num_classes, quantized=False, verbose=False,
-                               load_pretrained=ckpt is None, image_size=bundle.image_size)
-        model = model.to(runtime.device)
-        D.broadcast_state(model, dist)  # ranks seed differently: start every rank from rank 0's net
-        if runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+    last: dict = {}
+    for stage_plan in plan[first:]:
+        if not all(stage.finished for stage in stages):
+            break
+        resume = ckpt if ckpt is not None and ckpt["stage"] == stage_plan.name else None
+        if stage_plan.quantized:
+            _enter_qat(model, ctx, stages, summary, fresh=resume is None)
+        stage = _Stage(stage_plan, model, ctx, step_offset=stages[-1].state.step if stages else 0)
+        if stage_plan.quantized:
+            stage.state.fp_top1 = summary.get("fp_top1")
+        if resume is not None:
+            stage.load(resume)
+            if stage_plan.quantized:
+                summary["fp_top1"] = stage.state.fp_top1
+        last = stage.train()
+        stages.append(stage)
+        if not stage_plan.quantized:
+            _leave_fp(stage, last, ctx, summary)
+    return stages, last
 
-        # Stage 1: full-precision pretraining inside this run (the embedded demo).
-        fp_epochs = cfg.pretrain.epochs if quantized else cfg.trainer.epochs
-        if fp_epochs > 0 and resume_stage in (None, "fp"):
-            optim_cfg, sched_cfg = cfg.optim, cfg.schedule
-            if quantized:  # the demo's FP stage has its own lr, weight decay and warm-up
-                optim_cfg = OmegaConf.create({
-                    "weights": {**cfg.optim.weights, "lr": cfg.pretrain.lr,
-                                "weight_decay": cfg.pretrain.weight_decay},
-                    "quant": cfg.optim.quant})
-                sched_cfg = OmegaConf.create({"name": "cosine", "warmup_lr": 0.0,
-                                              "warmup_epochs": cfg.pretrain.warmup_epochs})
-            fp = _Stage("fp", cfg, model, bundle, runtime, dist, log, run_dir, optim_cfg, sched_cfg,
-                        fp_epochs, fingerprint)
-            if resume_stage == "fp":
-                fp.load(ckpt)
-                ckpt = None
-            fp_last = fp.train()
-            stages.append(fp)
-            summary["fp_top1"] = _final_eval(fp, fp_last)["val/top1"]
-            if quantized and dist.is_main and fp.finished:
-                atomic_torch_save(run_dir / "checkpoints" / "fp.pt", {"model": model.state_dict()})
 
-        # Stage 2: quantization-aware training (not before a max_steps stop of stage 1 is resumed).
-        if quantized and all(stage.finished for stage in stages):
-            if summary.get("fp_top1") is None and ckpt is None:
-                summary["fp_top1"] = evaluate(model, bundle.val, runtime, dist)["val/top1"]
-            quantize(model, cfg, verbose=dist.is_main and ckpt is None)
-            if runtime.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            fp_steps = stages[0].state.step if stages else 0
-            if ckpt is None:
-                _init_steps(cfg, model, bundle, dist, log, step=fp_steps)
-            qat = _Stage("qat", cfg, model, bundle, runtime, dist, log, run_dir, cfg.optim,
-                         cfg.schedule, cfg.trainer.epochs, fingerprint,
-                         step_offset=fp_steps)
-            qat.state.fp_top1 = summary.get("fp_top1")
-            if ckpt is not None:
-                qat.load(ckpt)
-                summary["fp_top1"] = qat.state.fp_top1
-            qat_last = qat.train()
-            stages.append(qat)
-    except BaseException as err:
-        summary["status"] = "failed"
-        summary["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
-        if dist.is_main:
-            atomic_write_json(run_dir / "summary.json", summary)
-        log.finish(summary)
-        raise
+def _leave_fp(stage: _Stage, last: dict, ctx: RunContext, summary: dict) -> None:
+    """After the FP stage: its top-1 in the summary, and (before QAT) the FP model as fp.pt."""
+    summary["fp_top1"] = _final_eval(stage, last)["val/top1"]
+    if is_quantized(ctx.cfg) and ctx.dist.is_main and stage.finished:
+        atomic_torch_save(ctx.run_dir / "checkpoints" / "fp.pt", {"model": stage.raw_model.state_dict()})
 
-    final = stages[-1]
-    last = _final_eval(final, qat_last if final.name == "qat" else fp_last)
+
+def _enter_qat(model: nn.Module, ctx: RunContext, stages: list[_Stage], summary: dict,
+               fresh: bool) -> None:
+    """Quantize `model` in place; on a fresh start (not a QAT resume) also evaluate the FP model
+    if no stage did, and set the initial step sizes."""
+    if summary.get("fp_top1") is None and fresh:
+        summary["fp_top1"] = evaluate(model, ctx.bundle.val, ctx.runtime, ctx.dist)["val/top1"]
+    quantize(model, ctx.cfg, verbose=ctx.dist.is_main and fresh)
+    if ctx.runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if fresh:
+        fp_steps = stages[-1].state.step if stages else 0
+        _init_steps(ctx.cfg, model, ctx.bundle, ctx.dist, ctx.log, step=fp_steps)
+
+
+# -- cleanup -------------------------------------------------------------------------------------
+
+
+def _record_failure(ctx: RunContext, summary: dict, err: BaseException) -> None:
+    """summary.json with status "failed" and the error's first line; the logger closed."""
+    summary["status"] = "failed"
+    summary["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+    if ctx.dist.is_main:
+        atomic_write_json(ctx.run_dir / "summary.json", summary)
+    ctx.log.finish(summary)
+
+
+def _finish(ctx: RunContext, stages: list[_Stage], last: dict, summary: dict, t_start: float) -> dict:
+    """The summary of a run that ended well (finished, or stopped by trainer.max_steps)."""
+    cfg, final = ctx.cfg, stages[-1]
+    last = _final_eval(final, last)
     seconds = sum(s.state.train_seconds for s in stages)
     images = sum(s.state.images_seen for s in stages)
     stopped = cfg.trainer.max_steps is not None and final.state.epoch < final.state.epochs
@@ -333,10 +373,10 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
         "all_stages_images_per_s": images / max(seconds, 1e-9),
         "wall_time_s": time.time() - t_start,
     })
-    if dist.is_main:
-        atomic_write_json(run_dir / "summary.json", summary)
+    if ctx.dist.is_main:
+        atomic_write_json(ctx.run_dir / "summary.json", summary)
         print(_final_line(summary, cfg, stopped), flush=True)
-    log.finish(summary)
+    ctx.log.finish(summary)
     return summary
 
 

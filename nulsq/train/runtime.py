@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nulsq.config import Device
 from nulsq.errors import UserError
 
-_DEVICES = ("auto", "cpu", "cuda")
+_DEVICES = Device.values()
 
 
 @dataclass(frozen=True)

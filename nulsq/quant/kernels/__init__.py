@@ -1,4 +1,4 @@
-"""Fast paths for the quantizer ops, registered with `functional.register_fast_path` on import.
+"""Fast paths for the quantizer ops: the kernel table `functional` asks on its first op call.
 
 Same public functions (`functional.lsq`, `functional.nulsq`), same results (tests/test_kernels.py
 checks them against the reference kernels): only faster.
@@ -10,8 +10,10 @@ checks them against the reference kernels): only faster.
   neighbouring layers. NULSQ_COMPILE_FUSION=0 makes compiled graphs call the device's opaque
   kernels instead (an A/B for scripts/bench.py).
 
-Set NULSQ_FAST_KERNELS=0 to start with the reference kernels everywhere, or call `disable()` /
-`enable()` at run time (A/B benchmarks, debugging).
+Importing this package registers nothing: `functional` calls `load_defaults()` once, when the
+first op runs (every available fast path, unless NULSQ_FAST_KERNELS=0). Call `disable()` /
+`enable()` at run time for A/B benchmarks and debugging; either one, called first, replaces the
+defaults.
 """
 
 from __future__ import annotations
@@ -89,8 +91,15 @@ def available() -> dict[str, dict[str, F.Kernel]]:
     return found
 
 
+def load_defaults() -> None:
+    """The default fast paths: every available one, unless NULSQ_FAST_KERNELS says 0."""
+    if env_allows():
+        enable()
+
+
 def enable() -> list[str]:
     """Register every available fast path; returns the device types now served by one."""
+    F.load_fast_paths()  # a first call decides here, so the defaults do not run again later
     disable()
     for device_type, kernels in available().items():
         for op in OPS:
@@ -101,6 +110,7 @@ def enable() -> list[str]:
 
 def disable() -> None:
     """Route every op back to the reference kernels."""
+    F.load_fast_paths()
     for device_type in _enabled:
         for op in OPS:
             F.register_fast_path(op, device_type, None)
@@ -109,6 +119,7 @@ def disable() -> None:
 
 def enabled() -> list[str]:
     """The device types currently served by a fast path."""
+    F.load_fast_paths()
     return list(_enabled)
 
 
@@ -132,6 +143,7 @@ def _env_flag(name: str) -> bool:
 @contextlib.contextmanager
 def opaque_under_compile() -> Iterator[None]:
     """Run a block whose torch.compile traces call the device's own kernels (the A/B of fusion)."""
+    F.load_fast_paths()
     removed = {op: F.register_fast_path(op, "compile", None) for op in OPS}
     try:
         yield
@@ -144,7 +156,3 @@ def opaque_under_compile() -> Iterator[None]:
 def env_allows() -> bool:
     """False when NULSQ_FAST_KERNELS says 0 / false / no / off."""
     return _env_flag(ENV_VAR)
-
-
-if env_allows():
-    enable()

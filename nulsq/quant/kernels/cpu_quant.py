@@ -3,11 +3,11 @@
 Options measured on this project's 2-core machine (4M fp32 elements, forward + backward, 2 bits):
 torch.compile (inductor) of the reference maths: 80 ms after an 11 s compile, since bucketize and
 scatter_add do not fuse; a `torch.utils.cpp_extension.load_inline` build: 56 s for an empty
-function (torch's headers); this file's plain C with GCC vector extensions (no torch headers):
-about 7 ms (0.17x PyTorch's fused LSQ op), built once per machine in 5-10 s with the system C
-compiler and cached under ~/.cache/nulsq/kernels. The library links the OpenMP runtime torch has
-already loaded (same soname), so both share one thread pool rather than two spinning against each
-other.
+function (torch's headers); plain C (cpu_quant.c, beside this file) with GCC vector extensions
+(no torch headers): about 7 ms (0.17x PyTorch's fused LSQ op), built once per machine in 5-10 s
+with the system C compiler and cached under ~/.cache/nulsq/kernels. The library links the OpenMP
+runtime torch has already loaded (same soname), so both share one thread pool rather than two
+spinning against each other.
 
 Each kernel reads x (and dy) once and writes y (or dx) once, computing in fp32 whatever the input
 dtype (fp32 or bf16); the step gradients accumulate in fp32 blocks flushed to float64 per thread.
@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -36,387 +37,8 @@ from torch import Tensor
 from nulsq.quant import functional as F
 from nulsq.quant.kernels import dense, like
 
-# -- the C source --------------------------------------------------------------------------------
-# Vectors of W = 8 floats (GCC vector extensions: AVX2 with -march=native, pairs of SSE registers
-# elsewhere). A b-bit nuLSQ grid of N = 2^b - 1 intervals is classified with N vector compares
-# per element up to 5 bits (2-4 bits: 3, 7, 15), by a binary search with gathers beyond. Levels
-# and thresholds come from the steps as in the reference's bucketize path (c = cumsum rounded to
-# fp32, t = c - s/2, negative thresholds one ulp down so that ties go toward zero).
-_C_SOURCE = r"""
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <omp.h>
-
-#define W 8
-#define BLOCK 4096           /* elements summed in fp32 before flushing into float64 */
-#define MAX_N 511
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-typedef uint32_t vu __attribute__((vector_size(W * 4)));
-typedef uint16_t vh __attribute__((vector_size(W * 2)));
-enum { F32 = 0, BF16 = 1 };
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE vf splat(float a) { return (vf){a, a, a, a, a, a, a, a}; }
-INLINE vi splati(int32_t a) { return (vi){a, a, a, a, a, a, a, a}; }
-INLINE vf sel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
-INLINE vf keep(vi m, vf a) { return (vf)((vi)a & m); }
-INLINE vi live_lanes(int valid) { return (vi){0, 1, 2, 3, 4, 5, 6, 7} < splati(valid); }
-INLINE double hsum(vf v) { double s = 0.0; for (int k = 0; k < W; k++) s += v[k]; return s; }
-
-INLINE float bf16_to_float(uint16_t h) {
-  uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
-}
-
-/* The W elements at i, of which `valid` exist (the others read as 0); bf16 -> fp32 is exact. */
-INLINE vf load(const void *p, int64_t i, int dt, int valid) {
-  if (valid < W) {
-    vf v = splat(0.f);
-    for (int k = 0; k < valid; k++)
-      v[k] = dt == F32 ? ((const float *)p)[i + k] : bf16_to_float(((const uint16_t *)p)[i + k]);
-    return v;
-  }
-  if (dt == F32) { vf v; memcpy(&v, (const float *)p + i, sizeof v); return v; }
-  vh h; memcpy(&h, (const uint16_t *)p + i, sizeof h);
-  return (vf)(__builtin_convertvector(h, vu) << 16);
-}
-
-/* fp32 -> bf16, round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16). */
-INLINE vh to_bf16(vf v) {
-  vu u = (vu)v;
-  vu r = (u + splati(0x7FFF) + ((u >> 16) & 1)) >> 16;
-  vi nan = v != v;
-  r = (vu)(((vi)r & ~nan) | (nan & splati(0x7FC0)));
-  return __builtin_convertvector(r, vh);
-}
-
-INLINE void store(void *p, int64_t i, vf v, int dt, int valid) {
-  if (dt == F32) {
-    if (valid == W) memcpy((float *)p + i, &v, sizeof v);
-    else for (int k = 0; k < valid; k++) ((float *)p)[i + k] = v[k];
-  } else {
-    vh h = to_bf16(v);
-    if (valid == W) memcpy((uint16_t *)p + i, &h, sizeof h);
-    else for (int k = 0; k < valid; k++) ((uint16_t *)p)[i + k] = h[k];
-  }
-}
-
-/* rint (half to even) of |v| <= 2^22, keeping the sign (rint(-0.3) = -0.0); NaN stays NaN. */
-INLINE vf round_even(vf v) {
-  vf r = (v + splat(12582912.f)) - splat(12582912.f);
-  return (vf)(((vi)r & splati(0x7FFFFFFF)) | ((vi)v & splati((int32_t)0x80000000)));
-}
-
-/* clamp that lets NaN through, like torch.clamp */
-INLINE vf clamp(vf v, vf lo, vf hi) {
-  v = sel(v < lo, lo, v);
-  return sel(v > hi, hi, v);
-}
-
-/* This thread's share of [0, n): equal W-aligned chunks, so only the last one has a tail. */
-INLINE void chunk(int64_t n, int64_t *b, int64_t *e) {
-  int t = omp_get_thread_num(), nt = omp_get_num_threads();
-  int64_t per = ((n + nt - 1) / nt + W - 1) / W * W;
-  *b = per * t < n ? per * t : n;
-  *e = *b + per < n ? *b + per : n;
-}
-
-static int threads_for(int64_t n, int nthreads, int most) {
-  int64_t t = n / 32768;  /* below ~32K elements per thread the fork costs more than it saves */
-  if (t > nthreads) t = nthreads;
-  if (t > most) t = most;
-  return t < 1 ? 1 : (int)t;
-}
-
-/* Runs BODY over this thread's [b, e) (thread index tid) on nt threads; one thread calls it
-   directly: entering a parallel region costs more than a small tensor's whole kernel. */
-#define PARALLEL(nt, n, BODY)                                              \
-  if ((nt) == 1) {                                                         \
-    int64_t b = 0, e = (n); int tid = 0; (void)tid; BODY;                  \
-  } else {                                                                 \
-    _Pragma("omp parallel num_threads(nt)")                                \
-    { int64_t b, e; chunk(n, &b, &e); int tid = omp_get_thread_num(); (void)tid; BODY; } \
-  }
-
-/* Runs AT(i, valid) over [b, e) in full vectors, then the tail; BLOCK_END() after every BLOCK
-   elements and at the end (where fp32 partial sums go into float64). */
-#define FOR_VECTORS(b, e, AT, BLOCK_END)                                   \
-  do {                                                                     \
-    int64_t i_ = (b);                                                      \
-    while (i_ + W <= (e)) {                                                \
-      int64_t stop_ = i_ + BLOCK < (e) ? i_ + BLOCK : (e);                 \
-      for (; i_ + W <= stop_; i_ += W) AT(i_, W);                          \
-      BLOCK_END();                                                         \
-    }                                                                      \
-    if (i_ < (e)) { AT(i_, (int)((e) - i_)); BLOCK_END(); }                \
-  } while (0)
-#define NOTHING() do {} while (0)
-
-/* ---- LSQ (supplement Eq. 1 and 4) ---- */
-
-INLINE void lsq_fwd_at(const void *x, void *y, int64_t i, int valid, int dt, vf s, vf lo, vf hi) {
-  vf v = clamp(load(x, i, dt, valid) / s, lo, hi);
-  store(y, i, round_even(v) * s, dt, valid);
-}
-
-/* dx (if any) for the W elements at i; returns dy * G (Eq. 4) for the step's gradient. */
-INLINE vf lsq_bwd_at(const void *dy, const void *x, void *dx, int64_t i, int valid, int dt,
-                     vf s, vf lo, vf hi, int need_step) {
-  vf v = load(x, i, dt, valid) / s, d = load(dy, i, dt, valid);
-  if (dx) store(dx, i, keep((v >= lo) & (v <= hi), d), dt, valid);
-  if (!need_step) return splat(0.f);
-  /* the closed clip branches give -Qn / Qp (= round of the clamped value), rint(v) - v between */
-  vf g = round_even(clamp(v, lo, hi)) - keep((v > lo) & (v < hi), v);
-  return valid < W ? keep(live_lanes(valid), d * g) : d * g;
-}
-
-INLINE void lsq_fwd_range(const void *x, void *y, int64_t b, int64_t e, int dt, float s,
-                          float lo, float hi) {
-  vf sv = splat(s), lov = splat(lo), hiv = splat(hi);
-#define AT(i, valid) lsq_fwd_at(x, y, i, valid, dt, sv, lov, hiv)
-  FOR_VECTORS(b, e, AT, NOTHING);
-#undef AT
-}
-
-INLINE double lsq_bwd_range(const void *dy, const void *x, void *dx, int64_t b, int64_t e,
-                            int dt, float s, float lo, float hi, int need_step) {
-  vf sv = splat(s), lov = splat(lo), hiv = splat(hi), acc = splat(0.f);
-  double total = 0.0;
-#define AT(i, valid) acc += lsq_bwd_at(dy, x, dx, i, valid, dt, sv, lov, hiv, need_step)
-#define FLUSH() do { total += hsum(acc); acc = splat(0.f); } while (0)
-  FOR_VECTORS(b, e, AT, FLUSH);
-#undef AT
-#undef FLUSH
-  return total;
-}
-
-void lsq_forward(const void *x, void *y, int64_t n, int dt, const float *step, int qn, int qp,
-                 int nthreads) {
-  float s = *step;
-  int nt = threads_for(n, nthreads, 256);
-  PARALLEL(nt, n, if (dt == F32) lsq_fwd_range(x, y, b, e, F32, s, -qn, qp);
-                  else lsq_fwd_range(x, y, b, e, BF16, s, -qn, qp))
-}
-
-/* dx may be NULL; dstep (NULL = not needed) receives grad_scale * sum(dy * G). */
-void lsq_backward(const void *dy, const void *x, void *dx, int64_t n, int dt, const float *step,
-                  int qn, int qp, double grad_scale, float *dstep, int nthreads) {
-  float s = *step;
-  double partial[256] = {0};
-  int nt = threads_for(n, nthreads, 256), need_step = dstep != 0;
-  PARALLEL(nt, n, partial[tid] =
-      dt == F32 ? lsq_bwd_range(dy, x, dx, b, e, F32, s, -qn, qp, need_step)
-                : lsq_bwd_range(dy, x, dx, b, e, BF16, s, -qn, qp, need_step))
-  if (need_step) {
-    double total = 0.0;
-    for (int t = 0; t < nt; t++) total += partial[t];
-    *dstep = (float)(total * grad_scale);
-  }
-}
-
-/* ---- nuLSQ (supplement Eq. 5 and 10-12) ---- */
-
-typedef struct {
-  int n;                 /* intervals = Qn + Qp; levels L[0..n], thresholds T[0..n-1] */
-  int steps;             /* binary search: log2 of the padded threshold count */
-  float L[MAX_N + 1];
-  float T[MAX_N + 1];    /* padded with +inf up to a power of two */
-  float width[MAX_N];
-} grid_t;
-
-/* Levels and thresholds in fp32 as the reference's bucketize path computes them: c_k = cumsum
-   of the steps rounded to fp32 (torch's CPU cumsum accumulates fp32 in double), t = c - s/2 in
-   fp32, negative thresholds one ulp down so that x == t (a tie) lands on the level nearer 0. */
-static void make_grid(grid_t *g, const float *pos, int qp, const float *neg, int qn) {
-  g->n = qn + qp;
-  g->L[qn] = 0.f;
-  double c = 0.0;
-  for (int k = 0; k < qn; k++) {            /* outward: s'_1, s'_2, ... */
-    c += neg[k];
-    float cf = (float)c;
-    g->L[qn - 1 - k] = -cf;
-    g->T[qn - 1 - k] = nextafterf(-(cf - neg[k] / 2), -INFINITY);
-    g->width[qn - 1 - k] = neg[k];
-  }
-  c = 0.0;
-  for (int k = 0; k < qp; k++) {
-    c += pos[k];
-    float cf = (float)c;
-    g->L[qn + 1 + k] = cf;
-    g->T[qn + k] = cf - pos[k] / 2;
-    g->width[qn + k] = pos[k];
-  }
-  int size = 1;
-  g->steps = 0;
-  while (size < g->n + 1) { size *= 2; g->steps++; }
-  for (int k = g->n; k < size && k <= MAX_N; k++) g->T[k] = INFINITY;
-}
-
-/* Vector classification (N compile-time small): y = the level, k = the count of thresholds
-   below x, which is the level's index. */
-INLINE vf classify(vf x, const grid_t *g, int n, vi *k_out) {
-  vf y = splat(g->L[0]);
-  vi k = splati(0);
-#pragma GCC unroll 32
-  for (int j = 0; j < n; j++) {
-    vi m = x > splat(g->T[j]);
-    y = sel(m, splat(g->L[j + 1]), y);
-    k -= m;
-  }
-  *k_out = k;
-  return y;
-}
-
-/* Wide grids (5+ bits): a binary search over the thresholds (padded with +inf to a power of
-   two), W lanes at a time with gathers. NaN compares false everywhere: level 0. */
-#ifdef __AVX2__
-#include <immintrin.h>
-INLINE vf gather(const float *table, vi index) {
-  return (vf)_mm256_i32gather_ps(table, (__m256i)index, 4);
-}
-#else
-INLINE vf gather(const float *table, vi index) {
-  vf r; for (int l = 0; l < W; l++) r[l] = table[index[l]]; return r;
-}
-#endif
-
-INLINE vf classify_search(vf x, const grid_t *g, vi *k_out) {
-  vi k = splati(0);
-  for (int h = 1 << (g->steps - 1); h > 0; h >>= 1)
-    k += (x > gather(g->T, k + splati(h - 1))) & splati(h);
-  *k_out = k;
-  return gather(g->L, k);
-}
-
-INLINE void nu_fwd_vec(const void *x, void *y, int64_t b, int64_t e, int dt, const grid_t *g,
-                       int n) {
-  vi k;
-#define AT(i, valid) store(y, i, classify(load(x, i, dt, valid), g, n, &k), dt, valid)
-  FOR_VECTORS(b, e, AT, NOTHING);
-#undef AT
-}
-
-INLINE void nu_fwd_search(const void *x, void *y, int64_t b, int64_t e, int dt,
-                          const grid_t *g) {
-  vi k;
-#define AT(i, valid) store(y, i, classify_search(load(x, i, dt, valid), g, &k), dt, valid)
-  FOR_VECTORS(b, e, AT, NOTHING);
-#undef AT
-}
-
-/* sums: [0] dy over x <= L0, [1..n] dy * (y - x) over each interval's interior, [n+1] dy over
-   x >= Ln. x above its level lies in the next interval; x on a level adds 0 either way. */
-INLINE void nu_bwd_at(const void *dy, const void *x, void *dx, int64_t i, int valid, int dt,
-                      const grid_t *g, int n, int need_steps, vf *acc) {
-  vf xv = load(x, i, dt, valid), d = load(dy, i, dt, valid);
-  vf lo = splat(g->L[0]), hi = splat(g->L[n]);
-  if (dx) store(dx, i, keep((xv >= lo) & (xv <= hi), d), dt, valid);
-  if (!need_steps) return;
-  vi k, live = valid < W ? live_lanes(valid) : splati(-1);
-  vf y = classify(xv, g, n, &k);
-  vi interval = k - (xv > y);
-  vf gx = keep((xv > lo) & (xv < hi) & live, d * (y - xv));
-  acc[0] += keep((xv <= lo) & live, d);
-  acc[n + 1] += keep((xv >= hi) & live, d);
-#pragma GCC unroll 32
-  for (int j = 1; j <= n; j++) acc[j] += keep(interval == splati(j), gx);
-}
-
-INLINE void nu_bwd_vec(const void *dy, const void *x, void *dx, int64_t b, int64_t e, int dt,
-                       const grid_t *g, int n, int need_steps, double *sums) {
-  vf acc[n + 2];
-  for (int j = 0; j < n + 2; j++) acc[j] = splat(0.f);
-#define AT(i, valid) nu_bwd_at(dy, x, dx, i, valid, dt, g, n, need_steps, acc)
-#define FLUSH() do {                                                       \
-    if (need_steps)                                                        \
-      for (int j = 0; j < n + 2; j++) { sums[j] += hsum(acc[j]); acc[j] = splat(0.f); } \
-  } while (0)
-  FOR_VECTORS(b, e, AT, FLUSH);
-#undef AT
-#undef FLUSH
-}
-
-INLINE void nu_bwd_search(const void *dy, const void *x, void *dx, int64_t b, int64_t e, int dt,
-                          const grid_t *g, int need_steps, double *sums) {
-  /* interiors go to fp32 bins, in 4 copies that break the dependency chains of adds into the
-     same bin; the clip sums to vectors */
-  int n = g->n, stride = n + 2;
-  float *bins = calloc(4 * (size_t)stride, sizeof(float));
-  vf lo = splat(g->L[0]), hi = splat(g->L[n]), below = splat(0.f), above = splat(0.f);
-#define AT(i, valid) do {                                                  \
-    vf xv = load(x, i, dt, valid), d = load(dy, i, dt, valid);             \
-    if (dx) store(dx, i, keep((xv >= lo) & (xv <= hi), d), dt, valid);     \
-    if (need_steps) {                                                      \
-      vi k, live = valid < W ? live_lanes(valid) : splati(-1);             \
-      vf y = classify_search(xv, g, &k);                                   \
-      vi interval = k - (xv > y);                                          \
-      vf gx = keep((xv > lo) & (xv < hi) & live, d * (y - xv));            \
-      below += keep((xv <= lo) & live, d);                                 \
-      above += keep((xv >= hi) & live, d);                                 \
-      for (int l = 0; l < W; l++) bins[(l & 3) * stride + interval[l]] += gx[l]; \
-    }                                                                      \
-  } while (0)
-#define FLUSH() do {                                                       \
-    for (int c = 0; c < 4 * stride; c++) { sums[c % stride] += bins[c]; bins[c] = 0.f; } \
-    sums[0] += hsum(below); sums[n + 1] += hsum(above);                    \
-    below = above = splat(0.f);                                            \
-  } while (0)
-  FOR_VECTORS(b, e, AT, FLUSH);
-#undef AT
-#undef FLUSH
-  free(bins);
-}
-
-/* N = 2^b - 1 intervals for b = 1..5 bits get unrolled vector code; other grids the search. */
-#define NU_DISPATCH(VEC, SCALAR)                                           \
-  switch (g.n) {                                                             \
-    case 1: if (dt == F32) VEC(F32, 1); else VEC(BF16, 1); break;            \
-    case 3: if (dt == F32) VEC(F32, 3); else VEC(BF16, 3); break;            \
-    case 7: if (dt == F32) VEC(F32, 7); else VEC(BF16, 7); break;            \
-    case 15: if (dt == F32) VEC(F32, 15); else VEC(BF16, 15); break;         \
-    case 31: if (dt == F32) VEC(F32, 31); else VEC(BF16, 31); break;         \
-    default: if (dt == F32) SCALAR(F32); else SCALAR(BF16);                  \
-  }
-
-void nulsq_forward(const void *x, void *y, int64_t n, int dt, const float *pos, int qp,
-                   const float *neg, int qn, int nthreads) {
-  grid_t g;
-  make_grid(&g, pos, qp, neg, qn);
-  int nt = threads_for(n, nthreads, 256);
-#define FWD_VEC(DT, N) nu_fwd_vec(x, y, b, e, DT, &g, N)
-#define FWD_SCALAR(DT) nu_fwd_search(x, y, b, e, DT, &g)
-  PARALLEL(nt, n, NU_DISPATCH(FWD_VEC, FWD_SCALAR))
-}
-
-/* dx may be NULL; dpos (NULL = not needed) and dneg (NULL when qn = 0) receive the scaled step
-   gradients. */
-void nulsq_backward(const void *dy, const void *x, void *dx, int64_t n, int dt, const float *pos,
-                    int qp, const float *neg, int qn, double grad_scale, float *dpos,
-                    float *dneg, int nthreads) {
-  grid_t g;
-  make_grid(&g, pos, qp, neg, qn);
-  int nt = threads_for(n, nthreads, 256), bins = g.n + 2, need_steps = dpos != 0;
-  double *partial = calloc((size_t)nt * bins, sizeof(double));
-#define ROW (partial + (size_t)tid * bins)
-#define BWD_VEC(DT, N) nu_bwd_vec(dy, x, dx, b, e, DT, &g, N, need_steps, ROW)
-#define BWD_SCALAR(DT) nu_bwd_search(dy, x, dx, b, e, DT, &g, need_steps, ROW)
-  PARALLEL(nt, n, NU_DISPATCH(BWD_VEC, BWD_SCALAR))
-  if (need_steps) {
-    double *sums = partial;  /* thread 0's row collects the others, in a fixed order */
-    for (int t = 1; t < nt; t++)
-      for (int j = 0; j < bins; j++) sums[j] += partial[(size_t)t * bins + j];
-    /* Eq. 11/13 interiors: sum(dy * (y - x)) / width; Eq. 10/12 clip branches: +1 above for
-       every s_k, -1 below for every s'_k. Interval qn + k (1-based) holds s_k, qn + 1 - k s'_k. */
-    for (int k = 1; k <= qp; k++)
-      dpos[k - 1] = (float)((sums[qn + k] / g.width[qn + k - 1] + sums[g.n + 1]) * grad_scale);
-    for (int k = 1; k <= qn; k++)
-      dneg[k - 1] = (float)((sums[qn + 1 - k] / g.width[qn - k] - sums[0]) * grad_scale);
-  }
-  free(partial);
-}
-"""
+# The C source is cpu_quant.c beside this file, shipped as package data (pyproject.toml).
+_C_FILE = "cpu_quant.c"
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -452,6 +74,11 @@ def _compiler() -> str:
     raise RuntimeError("no C compiler found (install gcc or set CC)")
 
 
+def c_source() -> str:
+    """The kernels' C source (cpu_quant.c, package data)."""
+    return resources.files(__package__).joinpath(_C_FILE).read_text()
+
+
 def build_library() -> Path:
     """Compile the C source (or reuse the cached build for this source, compiler and CPU).
 
@@ -462,8 +89,9 @@ def build_library() -> Path:
         RuntimeError: no compiler, or the compiler failed (its error output in the message).
     """
     cc = _compiler()
+    source = c_source()
     key = hashlib.sha256(
-        "\n".join([_C_SOURCE, cc, " ".join(_FLAGS), _cpu_signature()]).encode()
+        "\n".join([source, cc, " ".join(_FLAGS), _cpu_signature()]).encode()
     ).hexdigest()[:16]
     path = _cache_dir() / f"nulsq_cpu_quant_{key}.so"
     if path.exists():
@@ -471,7 +99,7 @@ def build_library() -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         src = Path(tmp) / "cpu_quant.c"
-        src.write_text(_C_SOURCE)
+        src.write_text(source)
         out = Path(tmp) / path.name
         proc = subprocess.run(
             [cc, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True,
@@ -586,10 +214,10 @@ def lsq_backward(dy: Tensor, x: Tensor, step: Tensor, qn: int, qp: int, grad_sca
         return F.lsq_backward_reference(dy, x, step, qn, qp, grad_scale, need_x, need_step)
     if route == "compile":
         dx, dstep = _lsq_backward_op(dy, x, step, qn, qp, float(grad_scale), need_x, need_step)
-        dstep = F._cast(dstep.reshape(step.shape), step.dtype) if need_step else None
+        dstep = F.cast(dstep.reshape(step.shape), step.dtype) if need_step else None
         return (dx if need_x else None), dstep
     dx, dstep = lsq_backward(dy, dense(x), _steps32(step), qn, qp, grad_scale, need_x, need_step)
-    return dx, (None if dstep is None else F._cast(dstep, step.dtype))
+    return dx, (None if dstep is None else F.cast(dstep, step.dtype))
 
 
 def nulsq_forward(x: Tensor, pos_steps: Tensor, neg_steps: Tensor | None) -> Tensor:
@@ -638,16 +266,16 @@ def nulsq_backward(dy: Tensor, x: Tensor, pos_steps: Tensor, neg_steps: Tensor |
                                        need_steps)
         dpos = dneg = None
         if need_steps:
-            dpos = F._cast(grads[:qp].reshape(pos_steps.shape), pos_steps.dtype)
+            dpos = F.cast(grads[:qp].reshape(pos_steps.shape), pos_steps.dtype)
             if neg_steps is not None:
-                dneg = F._cast(grads[qp:].reshape(neg_steps.shape), neg_steps.dtype)
+                dneg = F.cast(grads[qp:].reshape(neg_steps.shape), neg_steps.dtype)
         return (dx if need_x else None), dpos, dneg
     dx, dpos, dneg = nulsq_backward(dy, dense(x), _steps32(pos_steps), _steps32(neg_steps),
                                     grad_scale, need_x, need_steps)
     if dpos is not None:
-        dpos = F._cast(dpos, pos_steps.dtype)
+        dpos = F.cast(dpos, pos_steps.dtype)
     if dneg is not None:
-        dneg = F._cast(dneg, neg_steps.dtype)
+        dneg = F.cast(dneg, neg_steps.dtype)
     return dx, dpos, dneg
 
 

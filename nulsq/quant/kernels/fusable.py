@@ -9,7 +9,7 @@ while torch.compile traces (the "compile" pseudo device type of `register_fast_p
 The grid is built from scalar ops on the steps (no cumsum, no lookup tables) so that inductor
 inlines it into the fused kernel. Levels are the steps' prefix sums accumulated in float64 and
 rounded to fp32, thresholds c - s/2 in fp32, negative ones an ulp down (ties toward zero): the
-same numbers as `functional._nulsq_grid`, so both classify every x alike. Grids of more than
+same numbers as `functional.nulsq_grid`, so both classify every x alike. Grids of more than
 `MAX_INTERVALS` intervals (5 bits and up, rare as activations) take the reference kernels, whose
 single bucketize beats a chain of hundreds of compares.
 """
@@ -70,7 +70,7 @@ def nulsq_forward(x: Tensor, pos_steps: Tensor, neg_steps: Tensor | None) -> Ten
     """`functional.nulsq_forward_reference` as a chain of `where`s (same arguments and result)."""
     if _intervals(pos_steps, neg_steps) > MAX_INTERVALS:
         return F.nulsq_forward_reference(x, pos_steps, neg_steps)
-    return F._cast(_quantize(x.float(), _grid(pos_steps, neg_steps)), x.dtype)
+    return F.cast(_quantize(x.float(), _grid(pos_steps, neg_steps)), x.dtype)
 
 
 def nulsq_backward(
@@ -92,7 +92,7 @@ def nulsq_backward(
     grid = _grid(pos_steps, neg_steps)
     xf, d = x.float(), dy.float()
     lo, hi = grid.levels[0], grid.levels[-1]
-    dx = F._cast(torch.where((xf >= lo) & (xf <= hi), d, 0.0), x.dtype) if need_x else None
+    dx = F.cast(torch.where((xf >= lo) & (xf <= hi), d, 0.0), x.dtype) if need_x else None
     if not need_steps:
         return dx, None, None
     g = d * (_quantize(xf, grid) - xf)  # zero on the levels themselves

@@ -6,7 +6,7 @@ finishes: no atomics, no host synchronisation, so the ops run inside CUDA graphs
 bf16, arithmetic in fp32.
 
 The nuLSQ grid (levels, thresholds with ties toward zero, interval widths) comes from
-`functional._nulsq_grid`, the reference's own tables, so both paths classify every x identically
+`functional.nulsq_grid`, the reference's own tables, so both paths classify every x identically
 (a handful of tiny ops, which inductor fuses under torch.compile). Each kernel reads them as:
 threshold t_j (j = 0..N-1, N = Qn + Qp intervals) = boundaries[2 + 2j], level L_k (k = 0..N) =
 level_of_cell[2k + 1]. Grids of up to `_LINEAR_MAX` intervals (2-4 bits) are classified with N
@@ -236,7 +236,7 @@ def lsq_backward(dy: Tensor, x: Tensor, step: Tensor, qn: int, qp: int, grad_sca
                                    need_x, need_step)
     dstep = None
     if need_step:
-        dstep = F._cast((partial.sum() * grad_scale).reshape(step.shape), step.dtype)
+        dstep = F.cast((partial.sum() * grad_scale).reshape(step.shape), step.dtype)
     return (dx if need_x else None), dstep
 
 
@@ -244,7 +244,7 @@ def nulsq_forward(x: Tensor, pos_steps: Tensor, neg_steps: Tensor | None) -> Ten
     """`functional.nulsq_forward_reference` in one pass (same arguments and result)."""
     if not _supported(x):
         return F.nulsq_forward_reference(x, pos_steps, neg_steps)
-    grid = F._nulsq_grid(pos_steps.detach(), None if neg_steps is None else neg_steps.detach())
+    grid = F.nulsq_grid(pos_steps.detach(), None if neg_steps is None else neg_steps.detach())
     return _nulsq_forward_op(dense(x), grid.boundaries, grid.level_of_cell)
 
 
@@ -260,7 +260,7 @@ def nulsq_backward(dy: Tensor, x: Tensor, pos_steps: Tensor, neg_steps: Tensor |
         return F.nulsq_backward_reference(dy, x, pos_steps, neg_steps, grad_scale, need_x,
                                           need_steps)
     neg = None if neg_steps is None else neg_steps.detach()
-    grid = F._nulsq_grid(pos_steps.detach(), neg)
+    grid = F.nulsq_grid(pos_steps.detach(), neg)
     x = dense(x)
     dx, partial = _nulsq_backward_op(like(dy, x), x, grid.boundaries, grid.level_of_cell,
                                      need_x, need_steps)

@@ -67,8 +67,8 @@ def test_a_mistake_stops_the_run_before_data(tmp_path, no_data, overrides, fragm
 
 @pytest.mark.parametrize("override, valid", [
     ("quantizer.step_guard=ignore", "[stop, clamp]"),
-    ("quantizer.first_last=both", "[dynamic8, fp, same]"),
-    ("quantizer.grad_scale=sqrt", "[none, lsq]"),
+    ("quantizer.first_last=both", "[dynamic8, dynamic8_absmax, fp, same]"),
+    ("quantizer.grad_scale=sqrt", "[none, lsq, authors]"),
     ("init.reduce=median", "[max, mean]"),
     ("schedule.name=step", "[cosine, constant]"),
     ("trainer.device=gpu", "[auto, cpu, cuda]"),

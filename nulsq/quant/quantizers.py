@@ -130,5 +130,9 @@ class DynamicMaxQuantizer(Quantizer):
     kind = "dynamic_max"
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        step = (x.detach().abs().amax().float() / max(self.qp, 1)).clamp_min(1e-12)
-        return F.lsq(x, step, self.qn, self.qp, 1.0)
+        return F.lsq(x, self.step_of(x), self.qn, self.qp, 1.0)
+
+    def step_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The step this quantizer uses on x: max|x| / Qp over the whole tensor (the exporter and
+        its integer runtime compute the same)."""
+        return (x.detach().abs().amax().float() / max(self.qp, 1)).clamp_min(1e-12)

@@ -1,0 +1,164 @@
+"""An integer-only reference runtime for nulsq exports, in plain PyTorch: no fake-quant op.
+
+    from nulsq.export.runtime import load_runtime
+    model = load_runtime("exports/resnet18_nulsq_2bit")  # an nn.Module in eval mode
+    logits = model(images)
+
+The network's graph comes from the model registry (the manifest's config names it); every
+quantized layer becomes an `IntegerLayer`, which
+1. turns its input into integer codes by comparing against the activation thresholds
+   (`torch.bucketize`: code = code_min + #{t <= x}); the dynamic 8-bit quantizers first divide by
+   their step max|x| / Qp, computed from the input tensor as the fake-quant model does;
+2. computes the layer from codes: for a uniform grid the codes themselves are the operand and the
+   step multiplies the result once (integer accumulation, exact: in fp32 while the worst-case sum
+   fits in 24 bits, else in fp64); for a non-uniform grid, one lookup of the level table per code;
+3. multiplies the accumulated sum by the steps and adds the float bias.
+Weight codes are unpacked and looked up once, at load time. Everything else (BatchNorm, pooling,
+the residual additions, unquantized layers) runs in float32, as in the fake-quant model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as TF
+from omegaconf import OmegaConf
+from torch import nn
+
+from nulsq.errors import UserError
+from nulsq.export import format as fmt
+from nulsq.export.pack import unpack_codes
+
+EXACT_FP32_SUM = 2**24  # every integer up to this is exact in float32
+
+
+class ActCoder(nn.Module):
+    """The runtime's activation quantizer: thresholds -> integer codes -> the layer's operand."""
+
+    def __init__(self, spec: dict, levels: torch.Tensor, thresholds: torch.Tensor) -> None:
+        super().__init__()
+        self.code_min, self.code_max = int(spec["code_min"]), int(spec["code_max"])
+        self.dynamic = bool(spec["dynamic"])
+        self.step = spec["step"]
+        self.uniform = self.dynamic or self.step is not None
+        if thresholds.numel() != self.code_max - self.code_min or levels.numel() != thresholds.numel() + 1:
+            raise UserError(f"export: an activation table has {levels.numel()} levels and "
+                            f"{thresholds.numel()} thresholds for codes {self.code_min}..{self.code_max}; "
+                            f"export the run again")
+        self.register_buffer("thresholds", thresholds.float(), persistent=False)
+        self.register_buffer("levels", levels.float(), persistent=False)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(int64 codes of x, the dynamic step or None)."""
+        x = x.float()
+        scale = None
+        if self.dynamic:  # as DynamicMaxQuantizer.step_of: max over the whole tensor
+            scale = (x.abs().amax() / max(self.code_max, 1)).clamp_min(1e-12)
+            x = x / scale
+        return torch.bucketize(x, self.thresholds, right=True) + self.code_min, scale
+
+    def operand(self, codes: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, object]:
+        """(the operand the layer multiplies, the factor its result is scaled by)."""
+        if self.dynamic:
+            return codes.float(), scale
+        if self.step is not None:
+            return codes.float(), self.step
+        return self.levels[codes - self.code_min], 1.0
+
+    def max_abs_code(self) -> int:
+        return max(abs(self.code_min), abs(self.code_max))
+
+
+class IntegerLayer(nn.Module):
+    """A quantized Conv2d or Linear computed from integer codes (module docstring)."""
+
+    def __init__(self, entry: dict, tensors: dict[str, torch.Tensor], bias: bool) -> None:
+        super().__init__()
+        self.name, self.kind = entry["name"], entry["type"]
+        self.geometry = {k: entry[k] for k in ("stride", "padding", "dilation", "groups") if k in entry}
+        shape = list(entry["weight_shape"])
+        name = self.name
+        self.bias = nn.Parameter(torch.zeros(shape[0]), requires_grad=False) if bias else None
+        spec = entry["weight"]
+        self.weight = None  # a float weight only where the layer is not quantized
+        if spec["kind"] == "fp":  # left in float by quantizer.first_last=fp
+            self.weight = nn.Parameter(torch.zeros(shape), requires_grad=False)
+            self.weight_scale, self.weight_uniform, self.max_weight_code = 1.0, False, 0
+        else:
+            try:
+                codes = unpack_codes(fmt.tensor(tensors, f"{name}.weight.codes"), spec["bits"],
+                                     spec["code_min"], int(torch.Size(shape).numel())).reshape(shape)
+            except ValueError as err:
+                raise UserError(f"export: layer {name}'s weight codes are corrupt ({err}); export the "
+                                f"run again") from None
+            levels = fmt.tensor(tensors, f"{name}.weight.levels")
+            if codes.min() < spec["code_min"] or codes.max() > spec["code_max"] or \
+                    levels.numel() != spec["code_max"] - spec["code_min"] + 1:
+                raise UserError(f"export: layer {name}'s weight codes do not fit its level table; "
+                                f"export the run again")
+            self.weight_uniform = spec["step"] is not None
+            if self.weight_uniform:  # integer operand, one multiplication by the step
+                operand, self.weight_scale = codes.float(), float(spec["step"])
+            else:  # one lookup per code, once
+                operand, self.weight_scale = levels.float()[codes - spec["code_min"]], 1.0
+            self.max_weight_code = int(codes.abs().max())
+            self.register_buffer("weight_operand", operand, persistent=False)
+        self.act = None
+        if entry["act"]["kind"] != "fp":
+            self.act = ActCoder(entry["act"], fmt.tensor(tensors, f"{name}.act.levels"),
+                                fmt.tensor(tensors, f"{name}.act.thresholds"))
+        self.fan_in = int(torch.Size(shape[1:]).numel())
+
+    def _accumulation_dtype(self) -> torch.dtype:
+        """fp64 when an exact integer sum could exceed fp32's 24-bit mantissa, else fp32."""
+        integer = self.act is not None and self.act.uniform and self.weight_uniform
+        if integer and self.act.max_abs_code() * self.max_weight_code * self.fan_in >= EXACT_FP32_SUM:
+            return torch.float64
+        return torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is None:
+            operand, act_scale = x.float(), 1.0
+        else:
+            operand, act_scale = self.act.operand(*self.act.encode(x))
+        weight = self.weight_operand if self.weight is None else self.weight
+        dtype = self._accumulation_dtype()
+        if self.kind == "conv2d":
+            acc = TF.conv2d(operand.to(dtype), weight.to(dtype), None, **self.geometry)
+        else:
+            acc = TF.linear(operand.to(dtype), weight.to(dtype))
+        y = (acc * (act_scale * self.weight_scale)).float()
+        if self.bias is not None:
+            y = y + (self.bias.view(-1, 1, 1) if self.kind == "conv2d" else self.bias)
+        return y
+
+
+def load_runtime(folder: str | Path) -> nn.Module:
+    """The exported network, every quantized layer an `IntegerLayer`, in eval mode on the CPU."""
+    manifest, tensors = fmt.read_export(folder)
+    model = _float_model(manifest)
+    for entry in manifest["layers"]:
+        fp_layer = model.get_submodule(entry["name"])
+        if list(fp_layer.weight.shape) != list(entry["weight_shape"]):
+            raise UserError(f"export: layer {entry['name']} has weight shape {entry['weight_shape']} but "
+                            f"model {manifest['model']['name']} builds {list(fp_layer.weight.shape)}")
+        model.set_submodule(entry["name"], IntegerLayer(entry, tensors, fp_layer.bias is not None))
+    state = {k[len(fmt.STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(fmt.STATE_PREFIX)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"export {folder}: its float tensors do not match the model "
+                        f"({str(err).splitlines()[0]}); export the run again") from None
+    return model.eval()
+
+
+def _float_model(manifest: dict) -> nn.Module:
+    """The architecture the manifest's config names, unquantized and without pretrained weights."""
+    from nulsq.train.build import build_model
+
+    cfg = OmegaConf.create(manifest["config"])
+    model, _ = build_model(cfg, num_classes=manifest["model"]["num_classes"], quantized=False,
+                           verbose=False, load_pretrained=False,
+                           image_size=manifest["model"]["image_size"])
+    return model

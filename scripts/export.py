@@ -57,11 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx (needs the optional extra: pip install .[export])")
     args = parser.parse_args(argv)
-    lines: list[str] = []
-    code = script_exit_code(lambda: lines.append(run(args.source, args.out, args.force, args.onnx)), "")
-    if code == 0:
-        print(lines[0])
-    return code
+    return script_exit_code(lambda: print(run(args.source, args.out, args.force, args.onnx)),
+                            f"wrote {args.out}")
 
 
 if __name__ == "__main__":

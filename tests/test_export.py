@@ -395,3 +395,34 @@ def test_export_run_refuses_a_checkpoint_that_is_not_a_training_checkpoint(tmp_p
     torch.save({"model": {}}, run / "checkpoints" / "last.pt")
     with pytest.raises(UserError, match="not a nulsq training checkpoint"):
         export_run(run, tmp_path / "out")
+
+
+# -- ONNX ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", KINDS)
+def test_onnxruntime_matches_the_pytorch_eval(method, tmp_path, one_thread):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    from nulsq.export.onnx import export_onnx
+
+    model, cfg = tiny_quantized_model(method)
+    export_model(model, cfg, {"num_classes": 10, "image_size": IMAGE}, tmp_path)
+    path = export_onnx(tmp_path)
+    graph = onnx.load(str(path)).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # the dynamic 8-bit first/last layers
+    assert all(node.domain in ("", "ai.onnx") for node in graph.node)  # standard operators only
+    # weights are stored as int8 codes (identical code tensors may be shared), not as floats
+    shapes = {tuple(m.weight.shape) for m in quantized_layers(model).values()}
+    int8 = [tuple(i.dims) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert int8 and set(int8) <= shapes
+    floats = sum(torch.Size(i.dims).numel() for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    assert floats < sum(torch.Size(s).numel() for s in shapes) // 4
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(16, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x)
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert torch.equal(got.argmax(1), expected.argmax(1))

@@ -20,6 +20,7 @@ the residual additions, unquantized layers) runs in float32, as in the fake-quan
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as TF
@@ -70,38 +71,44 @@ class ActCoder(nn.Module):
         return max(abs(self.code_min), abs(self.code_max))
 
 
+def decode_weight(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int64 weight codes in the weight's shape, level table) of a layer; corrupt ones: UserError."""
+    name, spec, shape = entry["name"], entry["weight"], list(entry["weight_shape"])
+    try:
+        codes = unpack_codes(fmt.tensor(tensors, f"{name}.weight.codes"), spec["bits"],
+                             spec["code_min"], int(torch.Size(shape).numel())).reshape(shape)
+    except ValueError as err:
+        raise UserError(f"export: layer {name}'s weight codes are corrupt ({err}); export the "
+                        f"run again") from None
+    levels = fmt.tensor(tensors, f"{name}.weight.levels").float()
+    if codes.min() < spec["code_min"] or codes.max() > spec["code_max"] or \
+            levels.numel() != spec["code_max"] - spec["code_min"] + 1:
+        raise UserError(f"export: layer {name}'s weight codes do not fit its level table; "
+                        f"export the run again")
+    return codes, levels
+
+
 class IntegerLayer(nn.Module):
     """A quantized Conv2d or Linear computed from integer codes (module docstring)."""
 
-    def __init__(self, entry: dict, tensors: dict[str, torch.Tensor], bias: bool) -> None:
+    def __init__(self, entry: dict, tensors: dict[str, torch.Tensor], float_layer: nn.Module) -> None:
         super().__init__()
         self.name, self.kind = entry["name"], entry["type"]
         self.geometry = {k: entry[k] for k in ("stride", "padding", "dilation", "groups") if k in entry}
-        shape = list(entry["weight_shape"])
-        name = self.name
-        self.bias = nn.Parameter(torch.zeros(shape[0]), requires_grad=False) if bias else None
+        shape, name = list(entry["weight_shape"]), self.name
+        self.bias = float_layer.bias
         spec = entry["weight"]
         self.weight = None  # a float weight only where the layer is not quantized
         if spec["kind"] == "fp":  # left in float by quantizer.first_last=fp
-            self.weight = nn.Parameter(torch.zeros(shape), requires_grad=False)
+            self.weight = float_layer.weight
             self.weight_scale, self.weight_uniform, self.max_weight_code = 1.0, False, 0
         else:
-            try:
-                codes = unpack_codes(fmt.tensor(tensors, f"{name}.weight.codes"), spec["bits"],
-                                     spec["code_min"], int(torch.Size(shape).numel())).reshape(shape)
-            except ValueError as err:
-                raise UserError(f"export: layer {name}'s weight codes are corrupt ({err}); export the "
-                                f"run again") from None
-            levels = fmt.tensor(tensors, f"{name}.weight.levels")
-            if codes.min() < spec["code_min"] or codes.max() > spec["code_max"] or \
-                    levels.numel() != spec["code_max"] - spec["code_min"] + 1:
-                raise UserError(f"export: layer {name}'s weight codes do not fit its level table; "
-                                f"export the run again")
+            codes, levels = decode_weight(entry, tensors)
             self.weight_uniform = spec["step"] is not None
             if self.weight_uniform:  # integer operand, one multiplication by the step
                 operand, self.weight_scale = codes.float(), float(spec["step"])
             else:  # one lookup per code, once
-                operand, self.weight_scale = levels.float()[codes - spec["code_min"]], 1.0
+                operand, self.weight_scale = levels[codes - spec["code_min"]], 1.0
             self.max_weight_code = int(codes.abs().max())
             self.register_buffer("weight_operand", operand, persistent=False)
         self.act = None
@@ -136,20 +143,33 @@ class IntegerLayer(nn.Module):
 
 def load_runtime(folder: str | Path) -> nn.Module:
     """The exported network, every quantized layer an `IntegerLayer`, in eval mode on the CPU."""
+    return assemble(folder, IntegerLayer)
+
+
+def assemble(folder: str | Path, make_layer: Callable[[dict, dict, nn.Module], nn.Module]) -> nn.Module:
+    """The exported network, its float tensors loaded, every quantized layer replaced by
+    make_layer(entry, tensors, float_layer) (float_layer: the architecture's own layer, holding
+    the bias, and the weight where that stays in float); a corrupt or mismatching export is a
+    UserError."""
     manifest, tensors = fmt.read_export(folder)
     model = _float_model(manifest)
-    for entry in manifest["layers"]:
-        fp_layer = model.get_submodule(entry["name"])
-        if list(fp_layer.weight.shape) != list(entry["weight_shape"]):
-            raise UserError(f"export: layer {entry['name']} has weight shape {entry['weight_shape']} but "
-                            f"model {manifest['model']['name']} builds {list(fp_layer.weight.shape)}")
-        model.set_submodule(entry["name"], IntegerLayer(entry, tensors, fp_layer.bias is not None))
     state = {k[len(fmt.STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(fmt.STATE_PREFIX)}
+    coded = {f"{e['name']}.weight" for e in manifest["layers"] if e["weight"]["kind"] != "fp"}
     try:
-        model.load_state_dict(state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
-        raise UserError(f"export {folder}: its float tensors do not match the model "
+        raise UserError(f"export {folder}: its float tensors do not fit model {manifest['model']['name']} "
                         f"({str(err).splitlines()[0]}); export the run again") from None
+    if unexpected or set(missing) != coded:
+        odd = sorted(set(unexpected) | (set(missing) ^ coded))
+        raise UserError(f"export {folder}: its float tensors do not match model {manifest['model']['name']} "
+                        f"({', '.join(odd[:3])}); export the run again")
+    for entry in manifest["layers"]:
+        float_layer = model.get_submodule(entry["name"])
+        if list(float_layer.weight.shape) != list(entry["weight_shape"]):
+            raise UserError(f"export: layer {entry['name']} has weight shape {entry['weight_shape']} but "
+                            f"model {manifest['model']['name']} builds {list(float_layer.weight.shape)}")
+        model.set_submodule(entry["name"], make_layer(entry, tensors, float_layer))
     return model.eval()
 
 

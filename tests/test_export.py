@@ -276,7 +276,7 @@ def trained_run(tmp_path_factory):
         [sys.executable, "train.py", "dataset=synthetic", "dataset.num_train=64", "dataset.num_val=48",
          "dataset.batch_size=16", f"dataset.image_size={IMAGE}", "trainer.device=cpu", "init.batches=2",
          "pretrain.epochs=0", "trainer.epochs=1", "logger=none", "quantizer=nulsq_wa",
-         "optim.quant.lr=0.05", "schedule.warmup_epochs=0", f"trainer.output_dir={out}"],
+         "optim.quant.lr=0.01", "quantizer.step_guard=clamp", "schedule.warmup_epochs=0", f"trainer.output_dir={out}"],
         cwd=ROOT, check=True, capture_output=True, env={**_env(), "OMP_NUM_THREADS": "1"})
     return out
 

@@ -7,7 +7,7 @@
 The network's graph comes from the model registry (the manifest's config names it); every
 quantized layer becomes an `IntegerLayer`, which
 1. turns its input into integer codes by comparing against the activation thresholds
-   (`torch.bucketize`: code = code_min + #{t <= x}); the dynamic 8-bit quantizers first divide by
+   (`torch.bucketize`: level index #{t <= x}, code = code_min + index); the dynamic 8-bit quantizers first divide by
    their step max|x| / Qp, computed from the input tensor as the fake-quant model does;
 2. computes the layer from codes: for a uniform grid the codes themselves are the operand and the
    step multiplies the result once (integer accumulation, exact: in fp32 while the worst-case sum
@@ -51,21 +51,22 @@ class ActCoder(nn.Module):
         self.register_buffer("levels", levels.float(), persistent=False)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(int64 codes of x, the dynamic step or None)."""
+        """(int64 level indices of x, the dynamic step or None); x's code is index + code_min."""
         x = x.float()
         scale = None
         if self.dynamic:  # as DynamicMaxQuantizer.step_of: max over the whole tensor
             scale = (x.abs().amax() / max(self.code_max, 1)).clamp_min(1e-12)
             x = x / scale
-        return torch.bucketize(x, self.thresholds, right=True) + self.code_min, scale
+        return torch.bucketize(x, self.thresholds, right=True), scale
 
-    def operand(self, codes: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, object]:
+    def operand(self, index: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, object]:
         """(the operand the layer multiplies, the factor its result is scaled by)."""
-        if self.dynamic:
-            return codes.float(), scale
-        if self.step is not None:
-            return codes.float(), self.step
-        return self.levels[codes - self.code_min], 1.0
+        if not self.uniform:  # one lookup of the level table per code
+            return torch.take(self.levels, index), 1.0
+        codes = index.float()  # integers, exact in fp32 (|code| <= 255)
+        if self.code_min:
+            codes = codes + self.code_min
+        return codes, scale if self.dynamic else self.step
 
     def max_abs_code(self) -> int:
         return max(abs(self.code_min), abs(self.code_max))

@@ -27,6 +27,11 @@ from nulsq.train.build import build_model
 KINDS = ["lsq", "nulsq_a", "nulsq_w", "nulsq_wa", "lcq", "lcq_apot_type", "pact", "apot", "dorefa",
          "lqnets"]
 IMAGE = 8  # preresnet20's smallest input is 4; 8 keeps every stage's maps above 1x1
+# (method, bits, quantizer.first_last): every kind at 2 bits with the authors' 8-bit dynamic
+# first/last layers, plus wider grids (APoT/LCQ weights beyond ternary) and the other policies.
+CASES = [(method, 2, "dynamic8") for method in KINDS] + [
+    ("apot", 3, "dynamic8"), ("lcq", 3, "dynamic8"), ("nulsq_wa", 4, "dynamic8"), ("lqnets", 3, "dynamic8"),
+    ("lsq", 2, "fp"), ("nulsq_wa", 3, "same"), ("pact", 4, "same")]
 
 
 # -- packing ---------------------------------------------------------------------------------------
@@ -140,11 +145,12 @@ def perturb(q: Quantizer) -> None:
             q.basis.mul_(torch.empty_like(q.basis).uniform_(0.7, 1.3, generator=g))
 
 
-def tiny_quantized_model(method: str, bits: int = 2):
+def tiny_quantized_model(method: str, bits: int = 2, first_last: str = "dynamic8"):
     """A preresnet20 on 8x8 inputs converted by configs/quantizer/<method>.yaml, initialised on
     random images, its quantizers perturbed off their initial grids."""
     cfg = compose_config(["dataset=synthetic", f"dataset.image_size={IMAGE}", f"quantizer={method}",
-                          f"quantizer.bits={bits}", "model.pretrained=false"])
+                          f"quantizer.bits={bits}", f"quantizer.first_last={first_last}",
+                          "model.pretrained=false"])
     torch.manual_seed(0)
     model, _ = build_model(cfg, num_classes=10, quantized=True, verbose=False, load_pretrained=False,
                            image_size=IMAGE)
@@ -197,9 +203,9 @@ def runtime_flips(runtime, fake_layers: dict, x: torch.Tensor) -> tuple[torch.Te
     return logits, flipped
 
 
-@pytest.mark.parametrize("method", KINDS)
-def test_runtime_equals_the_fake_quantized_model(method, tmp_path, one_thread):
-    model, cfg = tiny_quantized_model(method)
+@pytest.mark.parametrize("method,bits,first_last", CASES)
+def test_runtime_equals_the_fake_quantized_model(method, bits, first_last, tmp_path, one_thread):
+    model, cfg = tiny_quantized_model(method, bits, first_last)
     manifest = export_model(model, cfg, {"num_classes": 10, "image_size": IMAGE}, tmp_path / "exp")
     runtime = load_runtime(tmp_path / "exp")
     assert all(not isinstance(m, Quantizer) for m in runtime.modules())  # no fake-quant op left
@@ -221,6 +227,8 @@ def test_runtime_equals_the_fake_quantized_model(method, tmp_path, one_thread):
     same[list(flipped)] = False
     torch.testing.assert_close(runtime_logits[same], logits[same], rtol=1e-4, atol=1e-5)
     assert torch.equal(runtime_logits[same].argmax(1), logits[same].argmax(1))
+    if (bits, first_last) != (2, "dynamic8"):
+        return
     # uniform grids take the integer path, learned non-uniform ones the level lookup
     middle = manifest["layers"][1:-1]
     ternary = ("lcq", "lcq_apot_type", "apot")  # 2-bit weights {-s, 0, s}: uniform
@@ -398,20 +406,24 @@ def test_export_run_refuses_a_checkpoint_that_is_not_a_training_checkpoint(tmp_p
 
 
 # -- ONNX ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", KINDS)
-def test_onnxruntime_matches_the_pytorch_eval(method, tmp_path, one_thread):
+@pytest.mark.parametrize("method,bits,first_last",
+                         CASES[:len(KINDS)] + [("lsq", 2, "fp"), ("nulsq_wa", 3, "same"), ("apot", 3, "dynamic8")])
+def test_onnxruntime_matches_the_pytorch_eval(method, bits, first_last, tmp_path, one_thread):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     import onnx
 
     from nulsq.export.onnx import export_onnx
 
-    model, cfg = tiny_quantized_model(method)
+    model, cfg = tiny_quantized_model(method, bits, first_last)
     export_model(model, cfg, {"num_classes": 10, "image_size": IMAGE}, tmp_path)
     path = export_onnx(tmp_path)
     graph = onnx.load(str(path)).graph
     ops = {node.op_type for node in graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # the dynamic 8-bit first/last layers
+    if first_last == "dynamic8" or method == "lsq":  # QDQ: dynamic first/last layers, LSQ layers
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    if method.startswith("nulsq") or method in ("lcq", "apot", "lqnets"):  # level tables
+        assert {"GreaterOrEqual", "ReduceSum", "Gather"} <= ops
     assert all(node.domain in ("", "ai.onnx") for node in graph.node)  # standard operators only
     # weights are stored as int8 codes (identical code tensors may be shared), not as floats
     shapes = {tuple(m.weight.shape) for m in quantized_layers(model).values()}

@@ -91,7 +91,8 @@ def load_trained(source: str | Path) -> tuple[nn.Module, object, dict]:
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if summary.get("status") != "finished":
-        raise UserError(f"{run_dir} is not a finished run (status: {summary.get('status', 'no summary.json')}); "
+        status = summary.get("status", "no summary.json")
+        raise UserError(f"{run_dir} is not a finished run (status: {status}); "
                         f"finish it with trainer.resume=auto, then export")
     ckpt = read_checkpoint(ckpt_path)
     if ckpt["stage"] != "qat":

@@ -7,8 +7,9 @@
 The network's graph comes from the model registry (the manifest's config names it); every
 quantized layer becomes an `IntegerLayer`, which
 1. turns its input into integer codes by comparing against the activation thresholds
-   (`torch.bucketize`: level index #{t <= x}, code = code_min + index); the dynamic 8-bit quantizers first divide by
-   their step max|x| / Qp, computed from the input tensor as the fake-quant model does;
+   (`torch.bucketize`: level index #{t <= x}, code = code_min + index); the dynamic 8-bit
+   quantizers first divide by their step max|x| / Qp, computed from the input tensor as the
+   fake-quant model does;
 2. computes the layer from codes: for a uniform grid the codes themselves are the operand and the
    step multiplies the result once (integer accumulation, exact: in fp32 while the worst-case sum
    fits in 24 bits, else in fp64); for a non-uniform grid, one lookup of the level table per code;

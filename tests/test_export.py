@@ -445,3 +445,34 @@ def test_onnxruntime_matches_the_pytorch_eval(method, bits, first_last, tmp_path
     got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_wide_8bit_layer_accumulates_integer_codes_exactly():
+    """8-bit codes over a fan-in of 2048: the worst-case sum exceeds fp32's 24 bits, so the runtime
+    accumulates in fp64 and matches the exact integer product (the fake-quant fp32 layer does not)."""
+    from torch import nn
+
+    from nulsq.export.exporter import build_export
+    from nulsq.export.runtime import IntegerLayer
+    from nulsq.quant import quantize_model
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2048, 3))
+    lsq = {"kind": "lsq", "args": {}}
+    qcfg = OmegaConf.create({"weight": lsq, "act": lsq, "bits": 8, "first_last": "same",
+                             "signed_act": True, "grad_scale": "none"})
+    quantize_model(net, qcfg, verbose=False)
+    initialize_quantizers(net, [(torch.randn(16, 2048), None)], 1)
+    with torch.no_grad():  # weight codes up to 127: the worst case needs 2^25 > 2^24
+        net[0].weight_quant.step.copy_(net[0].weight.abs().max() / 127)
+    layers, tensors, _ = build_export(net)
+    layer = IntegerLayer(layers[0], tensors, net[0])
+    assert layer._accumulation_dtype() == torch.float64
+    x = torch.randn(5, 2048) * 3
+    s_a, s_w = net[0].act_quant.step.double(), net[0].weight_quant.step.double()
+    codes_x = torch.round(torch.clamp(x.double() / s_a, -128, 127))
+    codes_w = torch.round(torch.clamp(net[0].weight.detach().double() / s_w, -128, 127))
+    # the exact integer sum (< 2^53 in fp64), scaled once, rounded to fp32, plus the fp32 bias
+    exact = ((codes_x @ codes_w.T) * (s_a * s_w)).float() + net[0].bias.detach()
+    with torch.no_grad():
+        assert torch.equal(layer(x), exact)

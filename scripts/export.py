@@ -1,11 +1,12 @@
 """Export a trained quantized run as integer weight codes, level tables and thresholds.
 
     python scripts/export.py runs/table5_resnet18_2bit/nulsq_wa_2bit_seed0/20250101-120000 --out exports/r18
-    python scripts/export.py RUN/checkpoints/last.pt --out DIR --force --onnx
+    python scripts/export.py RUN/checkpoints/last.pt --out DIR --force --onnx --verify
 
 Writes DIR/manifest.json and DIR/tensors.safetensors (docs/export.md), with --onnx also
-DIR/model.onnx, and prints the model size: FP32 bytes, packed bytes and their ratio. Run the export
-with `nulsq.export.runtime.load_runtime(DIR)`.
+DIR/model.onnx, and prints the model size: FP32 bytes, packed bytes and their ratio; --verify
+then runs the integer runtime and the fake-quant model on the run's evaluation split and prints
+both top-1s. Run the export with `nulsq.export.runtime.load_runtime(DIR)`.
 """
 
 from __future__ import annotations
@@ -34,12 +35,29 @@ def describe(manifest: dict, out: Path, seconds: float) -> str:
     ])
 
 
-def run(source: Path, out: Path, force: bool, onnx: bool) -> str:
+def verify(source: Path, out: Path) -> str:
+    """Evaluate the fake-quant model and the integer runtime on the run's evaluation split."""
+    import torch
+
+    from nulsq.data import build as build_data
+    from nulsq.export.exporter import load_trained
+    from nulsq.export.runtime import compare_predictions, load_runtime
+
+    model, cfg, _ = load_trained(source)
+    data = build_data(cfg.dataset, torch.device("cpu"), int(cfg.trainer.seed))
+    r = compare_predictions(model, load_runtime(out), data.val)
+    return (f"  verify: fake-quant top-1 {r['fake_quant_top1']:.2f}%, integer runtime top-1 "
+            f"{r['runtime_top1']:.2f}%, predictions agree on {r['agree']}/{r['images']} images")
+
+
+def run(source: Path, out: Path, force: bool, onnx: bool, check: bool = False) -> str:
     from nulsq.export.exporter import export_run
 
     start = time.perf_counter()
     manifest = export_run(source, out, force)
     lines = describe(manifest, out, time.perf_counter() - start)
+    if check:
+        lines += "\n" + verify(source, out)
     if onnx:
         from nulsq.export.onnx import export_onnx
 
@@ -56,9 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite an existing export in --out")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx (needs the optional extra: pip install .[export])")
+    parser.add_argument("--verify", action="store_true",
+                        help="evaluate the integer runtime against the fake-quant model on the run's "
+                             "evaluation split (needs the dataset)")
     args = parser.parse_args(argv)
-    return script_exit_code(lambda: print(run(args.source, args.out, args.force, args.onnx)),
-                            f"wrote {args.out}")
+    return script_exit_code(
+        lambda: print(run(args.source, args.out, args.force, args.onnx, args.verify)), f"wrote {args.out}")
 
 
 if __name__ == "__main__":

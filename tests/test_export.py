@@ -306,9 +306,12 @@ def test_export_cli_and_runtime_top1_on_a_trained_run(trained_run, tmp_path, cap
 
     script = load_export_script()
     out = tmp_path / "export"
-    assert script.main([str(trained_run), "--out", str(out)]) == 0
+    assert script.main([str(trained_run), "--out", str(out), "--verify"]) == 0
     printed = capsys.readouterr().out
     assert "packed weights" in printed and "ratio" in printed and str(out) in printed
+    top1 = json.loads((trained_run / "summary.json").read_text())["top1"]
+    assert f"fake-quant top-1 {top1:.2f}%, integer runtime top-1 {top1:.2f}%" in printed
+    assert "predictions agree on 48/48 images" in printed
     model, cfg, _ = load_trained(trained_run)
     runtime = load_runtime(out)
     data = build_data(cfg.dataset, torch.device("cpu"), int(cfg.trainer.seed))

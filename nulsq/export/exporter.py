@@ -159,7 +159,7 @@ def build_export(model: nn.Module) -> tuple[list[dict], dict[str, torch.Tensor],
         else:
             entry["act"] = {"kind": "fp"}
         layers.append(entry)
-    float_bytes = fp32 = 0
+    float_bytes = 0
     for key, value in model.state_dict().items():
         if key in coded:
             continue

@@ -63,9 +63,9 @@ def read_export(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return manifest, tensors
 
 
-def tensor(tensors: dict[str, torch.Tensor], key: str, folder: str | Path = "the export") -> torch.Tensor:
+def tensor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     """tensors[key], or a UserError saying the export lacks it."""
     if key not in tensors:
-        raise UserError(f"{folder}: {TENSORS} has no tensor '{key}' that its manifest lists; "
+        raise UserError(f"the export's {TENSORS} has no tensor '{key}' that its manifest lists; "
                         f"export the run again")
     return tensors[key]

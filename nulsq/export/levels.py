@@ -62,11 +62,6 @@ class QuantTable:
     def code_max(self) -> int:
         return self.code_min + self.levels.numel() - 1
 
-    @property
-    def qp(self) -> int:
-        """The largest code: the dynamic step is max|x| / qp."""
-        return self.code_max
-
     def describe(self) -> dict:
         """The manifest entry (JSON): floats as float32 values written exactly."""
         return {

@@ -21,7 +21,7 @@ the residual additions, unquantized layers) runs in float32, as in the fake-quan
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as TF
@@ -173,6 +173,22 @@ def assemble(folder: str | Path, make_layer: Callable[[dict, dict, nn.Module], n
                             f"model {manifest['model']['name']} builds {list(float_layer.weight.shape)}")
         model.set_submodule(entry["name"], make_layer(entry, tensors, float_layer))
     return model.eval()
+
+
+@torch.no_grad()
+def compare_predictions(reference: nn.Module, runtime: nn.Module, batches: Iterable) -> dict:
+    """Top-1 of both models and how many predictions agree, over (images, labels) batches (the
+    same batches for both: the dynamic 8-bit layers' step depends on the whole batch)."""
+    images_seen = agree = right_reference = right_runtime = 0
+    for images, labels in batches:
+        expected, got = reference(images).argmax(1), runtime(images).argmax(1)
+        agree += int((expected == got).sum())
+        right_reference += int((expected == labels).sum())
+        right_runtime += int((got == labels).sum())
+        images_seen += labels.numel()
+    n = max(images_seen, 1)
+    return {"images": images_seen, "agree": agree, "fake_quant_top1": 100 * right_reference / n,
+            "runtime_top1": 100 * right_runtime / n}
 
 
 def _float_model(manifest: dict) -> nn.Module:

@@ -123,8 +123,10 @@ def _layer_geometry(layer: nn.Module) -> dict:
 
 
 def _table_tensors(prefix: str, table: QuantTable) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.levels": table.levels.float().contiguous(),
-            f"{prefix}.thresholds": table.thresholds.float().contiguous()}
+    tensors = {f"{prefix}.levels": table.levels.float().contiguous()}
+    if table.thresholds.numel():
+        tensors[f"{prefix}.thresholds"] = table.thresholds.float().contiguous()
+    return tensors
 
 
 @torch.no_grad()

@@ -44,7 +44,8 @@ class QuantTable:
         kind, bits, signed: the quantizer's.
         code_min: the code of levels[0]; codes run up to code_min + len(levels) - 1.
         levels: (n,) ascending fp32 level values (dynamic: the codes themselves, in units of the step).
-        thresholds: (n-1,) fp32; x gets code code_min + #{t <= x} (dynamic: compare x / step).
+        thresholds: (n-1,) fp32; x gets code code_min + #{t <= x} (dynamic: compare x / step);
+            empty for weights, whose codes are stored.
         step: the step when levels == code * step (uniform grids), else None.
         dynamic: the step is max|x| / Qp of each input tensor (computed at run time).
     """
@@ -161,7 +162,7 @@ def weight_table(q: Quantizer, weight: torch.Tensor) -> tuple[QuantTable, torch.
     if error > LEVEL_MATCH_RTOL * float(levels.abs().max()):
         raise RuntimeError(f"export: quantizer '{q.kind}' gives weight values {error:.3g} away from "
                            f"its levels(); cannot code them")
-    thresholds = (levels[1:] + levels[:-1]) / 2  # informative only: weight codes are stored
-    table = QuantTable(q.kind, q.bits, q.signed, code_min, levels, thresholds,
+    no_thresholds = torch.empty(0)  # the codes are stored: nothing to compare at run time
+    table = QuantTable(q.kind, q.bits, q.signed, code_min, levels, no_thresholds,
                        uniform_step(levels, code_min))
     return table, index + code_min

@@ -37,7 +37,10 @@ QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
 def _checkpoint_globals() -> list:
     """What a training checkpoint holds besides tensors and plain data: numpy's RNG state."""
-    from numpy._core.multiarray import _reconstruct
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
 
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 

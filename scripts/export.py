@@ -5,8 +5,8 @@
 
 Writes DIR/manifest.json and DIR/tensors.safetensors (docs/export.md), with --onnx also
 DIR/model.onnx, and prints the model size: FP32 bytes, packed bytes and their ratio; --verify
-then runs the integer runtime and the fake-quant model on the run's evaluation split and prints
-both top-1s. Run the export with `nulsq.export.runtime.load_runtime(DIR)`.
+then runs the runtime (integer and float modes) and the fake-quant model on the run's evaluation
+split and prints their top-1s. Run the export with `nulsq.export.runtime.load_runtime(DIR)`.
 """
 
 from __future__ import annotations
@@ -45,9 +45,13 @@ def verify(source: Path, out: Path) -> str:
 
     model, cfg, _ = load_trained(source)
     data = build_data(cfg.dataset, torch.device("cpu"), int(cfg.trainer.seed))
-    r = compare_predictions(model, load_runtime(out), data.val)
-    return (f"  verify: fake-quant top-1 {r['fake_quant_top1']:.2f}%, integer runtime top-1 "
-            f"{r['runtime_top1']:.2f}%, predictions agree on {r['agree']}/{r['images']} images")
+    lines = []
+    for mode in ("integer", "float"):
+        r = compare_predictions(model, load_runtime(out, mode), data.val)
+        lines.append(f"  verify ({mode} runtime): fake-quant top-1 {r['fake_quant_top1']:.2f}%, runtime "
+                     f"top-1 {r['runtime_top1']:.2f}%, predictions agree on {r['agree']}/{r['images']} "
+                     f"images")
+    return "\n".join(lines)
 
 
 def run(source: Path, out: Path, force: bool, onnx: bool, check: bool = False) -> str:

@@ -28,6 +28,7 @@ KINDS = ["lsq", "nulsq_a", "nulsq_w", "nulsq_wa", "lcq", "lcq_apot_type", "pact"
 IMAGE = 8  # preresnet20's smallest input is 4; 8 keeps every stage's maps above 1x1
 # (method, bits, quantizer.first_last): every kind at 2 bits with the authors' 8-bit dynamic
 # first/last layers, plus wider grids (APoT/LCQ weights beyond ternary) and the other policies.
+EXACT_TABLES = ("lsq", "nulsq_a", "nulsq_w", "nulsq_wa")  # outputs are exactly their level tables
 CASES = [(method, 2, "dynamic8") for method in KINDS] + [
     ("apot", 3, "dynamic8"), ("lcq", 3, "dynamic8"), ("nulsq_wa", 4, "dynamic8"), ("lqnets", 3, "dynamic8"),
     ("lsq", 2, "fp"), ("nulsq_wa", 3, "same"), ("pact", 4, "same")]
@@ -230,6 +231,16 @@ def test_runtime_equals_the_fake_quantized_model(method, bits, first_last, tmp_p
     same[list(flipped)] = False
     torch.testing.assert_close(runtime_logits[same], logits[same], rtol=1e-4, atol=1e-5)
     assert torch.equal(runtime_logits[same].argmax(1), logits[same].argmax(1))
+    # mode "float" runs the fake-quant layers' own float ops on the looked-up level values:
+    # bit for bit the fake-quant model where the quantizers output exactly their tables
+    dequantized = load_runtime(tmp_path / "exp", mode="float")
+    with torch.no_grad():
+        float_logits = dequantized(x)
+    if method in EXACT_TABLES:
+        assert torch.equal(float_logits, logits)
+    else:  # the rivals' straight-through forms x + (q - x) are ulps away from their tables
+        _, flipped = runtime_flips(dequantized, layers, x)
+        assert len(flipped) <= 2, flipped
     if (bits, first_last) != (2, "dynamic8"):
         return
     # uniform grids take the integer path, learned non-uniform ones the level lookup
@@ -310,8 +321,9 @@ def test_export_cli_and_runtime_top1_on_a_trained_run(trained_run, tmp_path, cap
     printed = capsys.readouterr().out
     assert "packed weights" in printed and "ratio" in printed and str(out) in printed
     top1 = json.loads((trained_run / "summary.json").read_text())["top1"]
-    assert f"fake-quant top-1 {top1:.2f}%, integer runtime top-1 {top1:.2f}%" in printed
-    assert "predictions agree on 48/48 images" in printed
+    for mode in ("integer", "float"):
+        assert (f"verify ({mode} runtime): fake-quant top-1 {top1:.2f}%, runtime top-1 {top1:.2f}%, "
+                f"predictions agree on 48/48 images") in printed
     model, cfg, _ = load_trained(trained_run)
     runtime = load_runtime(out)
     data = build_data(cfg.dataset, torch.device("cpu"), int(cfg.trainer.seed))

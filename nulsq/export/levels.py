@@ -32,7 +32,7 @@ from nulsq.quant.quantizers import DynamicMaxQuantizer
 # A level table is uniform when every level is within this fraction of the largest |level| of
 # code * step: the runtime then accumulates integer codes and multiplies by the step once.
 UNIFORM_RTOL = 1e-6
-# The weights' fake-quantized values must be their levels to this fraction of the largest |level|.
+# Fake-quantized values must be the quantizer's levels() to this fraction of the largest |level|.
 LEVEL_MATCH_RTOL = 1e-5
 
 
@@ -137,9 +137,23 @@ def activation_table(q: Quantizer) -> QuantTable:
         return QuantTable(q.kind, q.bits, q.signed, -q.qn, codes, thresholds, None, dynamic=True)
     levels = q.levels().detach().float().cpu()
     code_min = code_min_for(levels.numel(), q.signed)
-    thresholds = decision_thresholds(lambda x: q(x).float(), levels)  # q on the CPU, in eval mode
+    quantize = lambda x: q(x).float()  # noqa: E731  (q on the CPU, in eval mode)
+    thresholds = decision_thresholds(quantize, levels)
+    # The table holds the values the fake quantizer outputs in each cell (at the cell's first x),
+    # bit for bit: e.g. nuLSQ's cumulative sums as its kernels round them, not as levels() does.
+    first_of_cell = torch.cat([torch.full((1,), -(float(levels.abs().max()) * 4 + 1)), thresholds])
+    _check_close(quantize(first_of_cell), levels, levels, q.kind)
+    levels = quantize(first_of_cell)
     return QuantTable(q.kind, q.bits, q.signed, code_min, levels, thresholds,
                       uniform_step(levels, code_min))
+
+
+def _check_close(measured: torch.Tensor, expected: torch.Tensor, levels: torch.Tensor, kind: str) -> None:
+    """A quantizer whose outputs are not its levels() is one this exporter does not understand."""
+    error = float((measured - expected).abs().max()) if expected.numel() else 0.0
+    if error > LEVEL_MATCH_RTOL * float(levels.abs().max()):
+        raise RuntimeError(f"export: quantizer '{kind}' gives values {error:.3g} away from its "
+                           f"levels(); cannot code them")
 
 
 @torch.no_grad()
@@ -158,10 +172,9 @@ def weight_table(q: Quantizer, weight: torch.Tensor) -> tuple[QuantTable, torch.
         levels = q.levels().detach().float().cpu()  # after q(weight): LCQ/DoReFa scales are set
     code_min = code_min_for(levels.numel(), q.signed)
     index = torch.bucketize(wq, (levels[1:] + levels[:-1]) / 2)
-    error = float((levels[index] - wq).abs().max()) if wq.numel() else 0.0
-    if error > LEVEL_MATCH_RTOL * float(levels.abs().max()):
-        raise RuntimeError(f"export: quantizer '{q.kind}' gives weight values {error:.3g} away from "
-                           f"its levels(); cannot code them")
+    _check_close(levels[index], wq, levels, q.kind)
+    # The table holds the fake-quantized weight values themselves (bit for bit) where a code occurs.
+    levels = levels.clone().scatter_(0, index.reshape(-1), wq.reshape(-1))
     no_thresholds = torch.empty(0)  # the codes are stored: nothing to compare at run time
     table = QuantTable(q.kind, q.bits, q.signed, code_min, levels, no_thresholds,
                        uniform_step(levels, code_min))

@@ -33,6 +33,7 @@ from nulsq.export import format as fmt
 from nulsq.export.pack import unpack_codes
 
 EXACT_FP32_SUM = 2**24  # every integer up to this is exact in float32
+MODES = ("integer", "float")
 
 
 class ActCoder(nn.Module):
@@ -60,13 +61,17 @@ class ActCoder(nn.Module):
             x = x / scale
         return torch.bucketize(x, self.thresholds, right=True), scale
 
-    def operand(self, index: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, object]:
-        """(the operand the layer multiplies, the factor its result is scaled by)."""
-        if not self.uniform:  # one lookup of the level table per code
+    def operand(self, index: torch.Tensor, scale: torch.Tensor | None,
+                dequantize: bool = False) -> tuple[torch.Tensor, object]:
+        """(the operand the layer multiplies, the factor its result is scaled by); dequantize:
+        the level values themselves (factor 1), as the fake-quant layer sees them."""
+        if not self.uniform or (dequantize and not self.dynamic):  # one table lookup per code
             return torch.take(self.levels, index), 1.0
         codes = index.float()  # integers, exact in fp32 (|code| <= 255)
         if self.code_min:
             codes = codes + self.code_min
+        if dequantize:
+            return codes * scale, 1.0
         return codes, scale if self.dynamic else self.step
 
     def max_abs_code(self) -> int:
@@ -91,10 +96,21 @@ def decode_weight(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.
 
 
 class IntegerLayer(nn.Module):
-    """A quantized Conv2d or Linear computed from integer codes (module docstring)."""
+    """A quantized Conv2d or Linear computed from integer codes (module docstring).
 
-    def __init__(self, entry: dict, tensors: dict[str, torch.Tensor], float_layer: nn.Module) -> None:
+    mode "integer" (the default): integer accumulation for uniform grids, as described above.
+    mode "float": every code is looked up as its level value and the layer runs in float32 on
+    those values with the bias inside the op, exactly as the fake-quant layer computes it: the
+    output is then the fake-quant model's bit for bit wherever the quantizer's outputs are exactly
+    its table (LSQ, nuLSQ, the dynamic 8-bit layers; ulps apart for the rivals' STE forms).
+    """
+
+    def __init__(self, entry: dict, tensors: dict[str, torch.Tensor], float_layer: nn.Module,
+                 mode: str = "integer") -> None:
         super().__init__()
+        if mode not in MODES:
+            raise UserError(f"unknown runtime mode '{mode}'; valid: {', '.join(MODES)}")
+        self.dequantize = mode == "float"
         self.name, self.kind = entry["name"], entry["type"]
         self.geometry = {k: entry[k] for k in ("stride", "padding", "dilation", "groups") if k in entry}
         shape, name = list(entry["weight_shape"]), self.name
@@ -106,7 +122,7 @@ class IntegerLayer(nn.Module):
             self.weight_scale, self.weight_uniform, self.max_weight_code = 1.0, False, 0
         else:
             codes, levels = decode_weight(entry, tensors)
-            self.weight_uniform = spec["step"] is not None
+            self.weight_uniform = spec["step"] is not None and not self.dequantize
             if self.weight_uniform:  # integer operand, one multiplication by the step
                 operand, self.weight_scale = codes.float(), float(spec["step"])
             else:  # one lookup per code, once
@@ -130,8 +146,12 @@ class IntegerLayer(nn.Module):
         if self.act is None:
             operand, act_scale = x.float(), 1.0
         else:
-            operand, act_scale = self.act.operand(*self.act.encode(x))
+            operand, act_scale = self.act.operand(*self.act.encode(x), dequantize=self.dequantize)
         weight = self.weight_operand if self.weight is None else self.weight
+        if self.dequantize:  # the fake-quant layer's own float op, bias included
+            if self.kind == "conv2d":
+                return TF.conv2d(operand, weight, self.bias, **self.geometry)
+            return TF.linear(operand, weight, self.bias)
         dtype = self._accumulation_dtype()
         if self.kind == "conv2d":
             acc = TF.conv2d(operand.to(dtype), weight.to(dtype), None, **self.geometry)
@@ -143,9 +163,12 @@ class IntegerLayer(nn.Module):
         return y
 
 
-def load_runtime(folder: str | Path) -> nn.Module:
-    """The exported network, every quantized layer an `IntegerLayer`, in eval mode on the CPU."""
-    return assemble(folder, IntegerLayer)
+def load_runtime(folder: str | Path, mode: str = "integer") -> nn.Module:
+    """The exported network, every quantized layer an `IntegerLayer` in `mode` ("integer": integer
+    accumulation; "float": level values in float32, as the fake-quant layers), eval mode, CPU."""
+    if mode not in MODES:
+        raise UserError(f"unknown runtime mode '{mode}'; valid: {', '.join(MODES)}")
+    return assemble(folder, lambda entry, tensors, layer: IntegerLayer(entry, tensors, layer, mode))
 
 
 def assemble(folder: str | Path, make_layer: Callable[[dict, dict, nn.Module], nn.Module]) -> nn.Module:

@@ -128,6 +128,7 @@ def decision_thresholds(quantize: Callable[[torch.Tensor], torch.Tensor],
     return _value(hi)
 
 
+@torch.no_grad()
 def activation_table(q: Quantizer) -> QuantTable:
     """The table of an activation quantizer (in eval mode: LQ-Nets fits no basis then)."""
     if isinstance(q, DynamicMaxQuantizer):

@@ -7,6 +7,10 @@ through a nondecreasing step function. An integer implementation stores, per qua
   -(2^(b-1) - 1) .. 2^(b-1) - 1 for the odd, symmetric grids of APoT and ternary weights);
 - the n - 1 decision thresholds t_i: x gets code code_min + #{i : t_i <= x}.
 
+The level values stored are the ones the trained fake quantizer outputs (checked against its
+`levels()`), so a runtime that looks them up reproduces the fake-quant values bit for bit where
+the quantizer outputs exactly its levels (LSQ, nuLSQ).
+
 The thresholds are not derived from each paper's formula but measured on the quantizer itself:
 t_i is the smallest float32 x whose fake-quantized value lies above the midpoint of L_i and
 L_(i+1), found by bisection over the ordered float32 values. So the codes an integer runtime
@@ -143,8 +147,9 @@ def activation_table(q: Quantizer) -> QuantTable:
     # The table holds the values the fake quantizer outputs in each cell (at the cell's first x),
     # bit for bit: e.g. nuLSQ's cumulative sums as its kernels round them, not as levels() does.
     first_of_cell = torch.cat([torch.full((1,), -(float(levels.abs().max()) * 4 + 1)), thresholds])
-    _check_close(quantize(first_of_cell), levels, levels, q.kind)
-    levels = quantize(first_of_cell)
+    measured = quantize(first_of_cell)
+    _check_close(measured, levels, levels, q.kind)
+    levels = measured
     return QuantTable(q.kind, q.bits, q.signed, code_min, levels, thresholds,
                       uniform_step(levels, code_min))
 

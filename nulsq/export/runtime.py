@@ -16,6 +16,10 @@ quantized layer becomes an `IntegerLayer`, which
 3. multiplies the accumulated sum by the steps and adds the float bias.
 Weight codes are unpacked and looked up once, at load time. Everything else (BatchNorm, pooling,
 the residual additions, unquantized layers) runs in float32, as in the fake-quant model.
+
+`load_runtime(folder, mode="float")` keeps steps 1 and the lookups but runs each layer on the
+level values in float32, with the fake-quant layer's own op: bit for bit the fake-quant model for
+LSQ and nuLSQ (docs/export.md: how equal each mode is).
 """
 
 from __future__ import annotations

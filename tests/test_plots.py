@@ -160,3 +160,29 @@ def test_plot_levels_cli_wires_run_loading_and_data(tmp_path: Path, monkeypatch)
     assert plot_levels.main([str(tmp_path), "--batches", "3", "--out", str(out)]) == 0
     assert served == [0, 1, 2]  # exactly --batches batches were pulled
     assert_png(out)
+
+
+# -- plot_levels on an export folder: weight and activation levels from the manifest ----------------
+@pytest.mark.slow  # 44 panels: matplotlib takes several seconds
+def test_plot_levels_draws_an_export_without_model_or_data(tmp_path, monkeypatch, capsys) -> None:
+    from test_export import IMAGE, tiny_quantized_model
+
+    from nulsq.export.exporter import export_model
+    from nulsq.export.format import read_export
+
+    model, cfg = tiny_quantized_model("nulsq_wa")
+    export_model(model, cfg, {"num_classes": 10, "image_size": IMAGE}, tmp_path / "exp")
+    manifest, tensors = read_export(tmp_path / "exp")
+    fractions = plot_levels.weight_code_fractions(manifest, tensors)
+    layer = manifest["layers"][1]["name"]
+    codes = model.get_submodule(layer).weight_quant(model.get_submodule(layer).weight).detach()
+    levels = torch.tensor(manifest["layers"][1]["weight"]["levels"])
+    expected = [float((codes == level).float().mean()) for level in levels]
+    assert fractions[layer] == pytest.approx(expected)  # counted from the packed codes
+    assert sum(fractions[layer]) == pytest.approx(1.0)
+    # no model building, no data: main() must not need either
+    monkeypatch.setitem(sys.modules, "nulsq.data", None)
+    out = tmp_path / "levels.png"
+    assert plot_levels.main([str(tmp_path / "exp"), "--out", str(out)]) == 0
+    assert_png(out)
+    assert "wrote" in capsys.readouterr().out

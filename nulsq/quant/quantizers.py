@@ -159,15 +159,26 @@ class DynamicMaxQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.convention == "absmax":
-            step = (x.detach().abs().amax().float() / max(self.qp, 1)).clamp_min(1e-12)
-            return F.lsq(x, step, self.qn, self.qp, 1.0)
+            return F.lsq(x, self.step_of(x), self.qn, self.qp, 1.0)
         xf = x.float()
-        m = xf.detach().amax()
-        m = torch.where(m == 0, torch.ones_like(m), m)  # an all-zero tensor stays zero, not NaN
+        m = self.max_of(xf)
         # The authors' order of operations (x/m*Qp, then /Qp*m): another order flips codes.
         q = xf.detach().div(m).mul(self.qp).round().div(self.qp).mul(m)
         y = xf + (q - xf.detach())
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def max_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The authors' convention's m: the signed maximum of x (1 for an all-zero tensor, which
+        then stays zero instead of becoming NaN)."""
+        m = x.detach().float().amax()
+        return torch.where(m == 0, torch.ones_like(m), m)
+
+    def step_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The step this quantizer uses on x: max|x| / Qp ("absmax") or m / Qp ("authors") over
+        the whole tensor (the exporter and its integer runtime compute the same)."""
+        if self.convention == "absmax":
+            return (x.detach().abs().amax().float() / max(self.qp, 1)).clamp_min(1e-12)
+        return self.max_of(x) / self.qp
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, convention={self.convention}"

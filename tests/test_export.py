@@ -321,21 +321,31 @@ def test_export_cli_and_runtime_top1_on_a_trained_run(trained_run, tmp_path, cap
     printed = capsys.readouterr().out
     assert "packed weights" in printed and "ratio" in printed and str(out) in printed
     top1 = json.loads((trained_run / "summary.json").read_text())["top1"]
-    for mode in ("integer", "float"):
-        assert (f"verify ({mode} runtime): fake-quant top-1 {top1:.2f}%, runtime top-1 {top1:.2f}%, "
-                f"predictions agree on 48/48 images") in printed
+    # Float mode computes every layer as the fake-quant layer does: predictions equal exactly.
+    assert (f"verify (float runtime): fake-quant top-1 {top1:.2f}%, runtime top-1 {top1:.2f}%, "
+            f"predictions agree on 48/48 images") in printed
+    # Integer mode sums codes and scales once: an activation within an ulp of a 2-bit threshold
+    # may take the next code (the authors' 8-bit first layer scales by m/Qp after the sum, the
+    # fake-quant layer before it), so one prediction in 48 may differ, and top-1 by that one.
+    line = next(t for t in printed.splitlines() if "verify (integer runtime)" in t)
+    agree = int(line.split("agree on ")[1].split("/")[0])
+    runtime_top1 = float(line.split("runtime top-1 ")[1].split("%")[0])
+    assert f"fake-quant top-1 {top1:.2f}%" in line and agree >= 47
+    assert abs(runtime_top1 - top1) <= 100 * (48 - agree) / 48 + 0.01
     model, cfg, _ = load_trained(trained_run)
-    runtime = load_runtime(out)
+    runtime, integer = load_runtime(out, mode="float"), load_runtime(out)
     data = build_data(cfg.dataset, torch.device("cpu"), int(cfg.trainer.seed))
-    agree = total = correct_fake = correct_int = 0
+    agree = agree_int = total = correct_fake = correct_float = 0
     with torch.no_grad():
         for images, labels in data.val:
             fake, mine = model(images).argmax(1), runtime(images).argmax(1)
             agree += int((fake == mine).sum())
+            agree_int += int((fake == integer(images).argmax(1)).sum())
             correct_fake += int((fake == labels).sum())
-            correct_int += int((mine == labels).sum())
+            correct_float += int((mine == labels).sum())
             total += labels.numel()
-    assert total == 48 and agree == total and correct_int == correct_fake
+    assert total == 48 and agree == total and correct_float == correct_fake
+    assert agree_int >= total - 1
     summary = json.loads((trained_run / "summary.json").read_text())
     assert 100 * correct_fake / total == pytest.approx(summary["top1"])  # the run's own eval top-1
 
@@ -425,7 +435,8 @@ def test_export_run_refuses_a_checkpoint_that_is_not_a_training_checkpoint(tmp_p
 
 
 # -- ONNX ------------------------------------------------------------------------------------------
-ONNX_CASES = CASES[:len(KINDS)] + [("lsq", 2, "fp"), ("nulsq_wa", 3, "same"), ("apot", 3, "dynamic8")]
+ONNX_CASES = CASES[:len(KINDS)] + [("lsq", 2, "fp"), ("nulsq_wa", 3, "same"), ("apot", 3, "dynamic8"),
+                                   ("nulsq_a", 2, "dynamic8_absmax")]
 
 
 @pytest.mark.parametrize("method,bits,first_last", ONNX_CASES)
@@ -441,7 +452,9 @@ def test_onnxruntime_matches_the_pytorch_eval(method, bits, first_last, tmp_path
     path = export_onnx(tmp_path)
     graph = onnx.load(str(path)).graph
     ops = {node.op_type for node in graph.node}
-    if first_last == "dynamic8" or method == "lsq":  # QDQ: dynamic first/last layers, LSQ layers
+    if first_last == "dynamic8":  # the authors' 8-bit layers: x / max(x) * Qp, Round, unclamped
+        assert {"ReduceMax", "Round"} <= ops
+    if first_last == "dynamic8_absmax" or method == "lsq":  # QDQ: absmax 8-bit layers, LSQ layers
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     if method.startswith("nulsq") or method in ("lcq", "apot", "lqnets"):  # level tables
         assert {"GreaterOrEqual", "ReduceSum", "Gather"} <= ops

@@ -225,7 +225,9 @@ def export_model(model: nn.Module, cfg, info: dict, out: str | Path, force: bool
         "source": {k: info.get(k) for k in ("run_dir", "checkpoint", "top1")},
         "batchnorm": "kept in float32 (not folded)",
         "bias": "kept in float32, added after the layer's scaled accumulation",
-        "dynamic_act": "step = max|x| / Qp over the whole input tensor (the batch), computed at run time",
+        "dynamic_act": ("computed at run time over the whole input tensor (the batch): 'authors' "
+                        "convention code = round(x / max(x) * Qp), unclamped, value code / Qp * max(x); "
+                        "'absmax' step = max|x| / Qp on the clamped grid"),
         "tensors": fmt.TENSORS, "tensors_sha256": fmt.sha256(data),
         "sizes": sizes,
         "layers": layers,

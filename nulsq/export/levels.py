@@ -24,6 +24,8 @@ computes the step from its input, as the fake-quant model does.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,7 +53,11 @@ class QuantTable:
         thresholds: (n-1,) fp32; x gets code code_min + #{t <= x} (dynamic: compare x / step);
             empty for weights, whose codes are stored.
         step: the step when levels == code * step (uniform grids), else None.
-        dynamic: the step is max|x| / Qp of each input tensor (computed at run time).
+        dynamic: the step is computed from each input tensor at run time.
+        convention: for dynamic tables, DynamicMaxQuantizer's: "absmax" (step max|x| / Qp, codes
+            clamped to the table) or "authors" (m = max(x), code = round(x / m * Qp) unclamped,
+            value code / Qp * m in that order); None otherwise.
+        qp: the Qp of a dynamic table (the divisor of its codes).
     """
 
     kind: str
@@ -62,6 +68,8 @@ class QuantTable:
     thresholds: torch.Tensor
     step: float | None
     dynamic: bool = False
+    convention: str | None = None
+    qp: int | None = None
 
     @property
     def code_max(self) -> int:
@@ -73,7 +81,7 @@ class QuantTable:
             "kind": self.kind, "bits": self.bits, "signed": self.signed,
             "code_min": self.code_min, "code_max": self.code_max,
             "uniform": self.step is not None or self.dynamic, "step": self.step,
-            "dynamic": self.dynamic,
+            "dynamic": self.dynamic, "convention": self.convention, "qp": self.qp,
             "levels": None if self.dynamic else self.levels.tolist(),
             "thresholds": self.thresholds.tolist(),
         }
@@ -139,7 +147,8 @@ def activation_table(q: Quantizer) -> QuantTable:
         codes = torch.arange(-q.qn, q.qp + 1, dtype=torch.float32)
         one = torch.ones(())
         thresholds = decision_thresholds(lambda u: F.lsq(u, one, q.qn, q.qp), codes)
-        return QuantTable(q.kind, q.bits, q.signed, -q.qn, codes, thresholds, None, dynamic=True)
+        return QuantTable(q.kind, q.bits, q.signed, -q.qn, codes, thresholds, None, dynamic=True,
+                          convention=q.convention, qp=q.qp)
     levels = q.levels().detach().float().cpu()
     code_min = code_min_for(levels.numel(), q.signed)
     quantize = lambda x: q(x).float()  # noqa: E731  (q on the CPU, in eval mode)
@@ -171,6 +180,8 @@ def weight_table(q: Quantizer, weight: torch.Tensor) -> tuple[QuantTable, torch.
     does not understand), never silently rounded.
     """
     wq = q(weight.detach()).float().cpu()
+    if isinstance(q, DynamicMaxQuantizer) and q.convention == "authors":
+        return _authors_dynamic_weight_table(q, weight)
     if isinstance(q, DynamicMaxQuantizer):  # a weight is constant: its dynamic step is fixed
         codes = torch.arange(-q.qn, q.qp + 1, dtype=torch.float32)
         levels = codes * q.step_of(weight).cpu()
@@ -185,3 +196,19 @@ def weight_table(q: Quantizer, weight: torch.Tensor) -> tuple[QuantTable, torch.
     table = QuantTable(q.kind, q.bits, q.signed, code_min, levels, no_thresholds,
                        uniform_step(levels, code_min))
     return table, index + code_min
+
+
+def _authors_dynamic_weight_table(q: DynamicMaxQuantizer, weight: torch.Tensor
+                                  ) -> tuple[QuantTable, torch.Tensor]:
+    """The authors' 8-bit weight quantizer: code = round(w / m * Qp) with m = max(w) and no clamp,
+    so a weight whose most negative value exceeds its maximum in magnitude has codes below -Qp;
+    the table then spans them (and packs to as many bits as that takes, 9 instead of 8)."""
+    m = q.max_of(weight).cpu()
+    codes = weight.detach().float().cpu().div(m).mul(q.qp).round()
+    code_min = min(int(codes.min()), -q.qn)
+    grid = torch.arange(code_min, q.qp + 1, dtype=torch.float32)
+    levels = grid.div(q.qp).mul(m)  # the fake quantizer's values, in its order of operations
+    bits = max(q.bits, int(math.ceil(math.log2(grid.numel()))))
+    table = QuantTable(q.kind, bits, q.signed, code_min, levels, torch.empty(0), float(m / q.qp),
+                       convention="authors", qp=q.qp)
+    return table, codes.to(torch.int64)

@@ -80,12 +80,17 @@ class OnnxActQuant(nn.Module):
         super().__init__()
         self.low, self.high = int(spec["code_min"]), int(spec["code_max"])
         self.dynamic = bool(spec["dynamic"])
+        self.authors, self.qp = spec.get("convention") == "authors", spec.get("qp")
         self.uniform = self.dynamic or (qdq and spec["step"] is not None)
         self.register_buffer("step", torch.tensor(float(spec["step"] or 1.0)), persistent=False)
         self.register_buffer("thresholds", thresholds.float(), persistent=False)
         self.register_buffer("levels", levels.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.authors:  # ReduceMax, Div, Mul, Round: unclamped codes, the quantizer's op order
+            m = x.amax()
+            m = torch.where(m == 0, torch.ones_like(m), m)
+            return x.div(m).mul(self.qp).round().div(self.qp).mul(m)
         if self.dynamic:
             step = torch.clamp(x.abs().amax() / max(self.high, 1), min=1e-12)
             return _QuantDequant.apply(x, step, self.low, self.high)
@@ -109,11 +114,13 @@ class OnnxLayer(nn.Module):
             self.weight = float_layer.weight
         else:
             codes, levels = decode_weight(entry, tensors)
-            self.code_min, self.uniform = int(spec["code_min"]), spec["step"] is not None
+            fits_int8 = int(codes.min()) >= -128 and int(codes.max()) <= 127
+            # Codes beyond int8 (the authors' unclamped 8-bit weights) take the table lookup.
+            self.code_min, self.uniform = int(spec["code_min"]), spec["step"] is not None and fits_int8
             # Parameters, not buffers: the exporter writes them as initializers and keeps the
             # lookups that use them (it would fold buffer expressions into float weights).
             frozen = lambda t: nn.Parameter(t, requires_grad=False)  # noqa: E731
-            self.codes = frozen(codes.to(torch.int8))
+            self.codes = frozen(codes.to(torch.int8 if fits_int8 else torch.int16))
             self.weight_levels = frozen(levels)
             self.weight_step = frozen(torch.tensor(float(spec["step"] or 1.0)))
         self.act = None

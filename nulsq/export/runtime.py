@@ -47,6 +47,8 @@ class ActCoder(nn.Module):
         super().__init__()
         self.code_min, self.code_max = int(spec["code_min"]), int(spec["code_max"])
         self.dynamic = bool(spec["dynamic"])
+        self.authors = spec.get("convention") == "authors"  # code = round(x / max(x) * Qp), unclamped
+        self.qp = spec.get("qp")
         self.step = spec["step"]
         self.uniform = self.dynamic or self.step is not None
         if thresholds.numel() != self.code_max - self.code_min or levels.numel() != thresholds.numel() + 1:
@@ -60,6 +62,10 @@ class ActCoder(nn.Module):
         """(int64 level indices of x, the dynamic step or None); x's code is index + code_min."""
         x = x.float()
         scale = None
+        if self.authors:  # as DynamicMaxQuantizer (authors): codes straight from x, no thresholds
+            m = x.amax()
+            m = torch.where(m == 0, torch.ones_like(m), m)
+            return x.div(m).mul(self.qp).round() - self.code_min, m
         if self.dynamic:  # as DynamicMaxQuantizer.step_of: max over the whole tensor
             scale = (x.abs().amax() / max(self.code_max, 1)).clamp_min(1e-12)
             x = x / scale
@@ -74,12 +80,17 @@ class ActCoder(nn.Module):
         codes = index.float()  # integers, exact in fp32 (|code| <= 255)
         if self.code_min:
             codes = codes + self.code_min
+        if self.authors:  # scale is m: values code / Qp * m, in the fake quantizer's order
+            return (codes.div(self.qp).mul(scale), 1.0) if dequantize else (codes, scale / self.qp)
         if dequantize:
             return codes * scale, 1.0
         return codes, scale if self.dynamic else self.step
 
     def max_abs_code(self) -> int:
-        return max(abs(self.code_min), abs(self.code_max))
+        # The authors' dynamic codes are unclamped below -Qp: bound them generously (|min| of an
+        # input up to 8x its max), which only moves the accumulation to fp64 sooner.
+        bound = max(abs(self.code_min), abs(self.code_max))
+        return 8 * bound if self.authors else bound
 
 
 def decode_weight(entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

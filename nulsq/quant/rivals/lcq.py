@@ -157,9 +157,9 @@ def _knot_gradients(inside: Tensor, t: Tensor, x_signed: Tensor | None, cell: Te
     """
     k_count, levels = sl.numel(), steps + 1
     w = inside if x_signed is None else inside * torch.sign(x_signed)
-    index = cell.reshape(-1).long()
-    sum_w = w.new_zeros(k_count * levels).scatter_add_(0, index, w.reshape(-1)).view(k_count, levels)
-    sum_wv = (w.new_zeros(k_count * levels).scatter_add_(0, index, (w * t).reshape(-1))
+    index = cell.reshape(-1)  # int32: index_add_ takes it as is (scatter_add_ would need int64)
+    sum_w = w.new_zeros(k_count * levels).index_add_(0, index, w.reshape(-1)).view(k_count, levels)
+    sum_wv = (w.new_zeros(k_count * levels).index_add_(0, index, (w * t).reshape(-1))
               .view(k_count, levels))
     knots = torch.arange(k_count, dtype=sl.dtype, device=sl.device) / k_count
     r = 1.0 / out.gamma_j

@@ -23,7 +23,8 @@ per output channel of a weight, as LQ-Nets' official code does (its levels() is 
 is no single level set). `init.reduce` combines the per-batch steps (max or mean).
 
 Speed: the forward maps x to its level with nuLSQ's op (one pass: C on CPU, Triton on CUDA) on
-x - L_0 with steps L_i - L_(i-1); only the QEM fit classifies with a search.
+x - L_0 with steps L_i - L_(i-1); the QEM fit takes its per-level counts and sums from one pass
+per threshold up to 4 bits (`counts_and_sums`), and from a search beyond.
 """
 
 from __future__ import annotations
@@ -52,6 +53,37 @@ def nearest(x: Tensor, levels: Tensor) -> Tensor:
     match the leading dims of levels; ties go to the lower level)."""
     mids = (levels[..., 1:] + levels[..., :-1]) / 2
     return torch.searchsorted(mids.to(x.dtype).contiguous(), x.contiguous())
+
+
+# Up to this many thresholds (4 bits) the per-level statistics come from one pass per threshold;
+# beyond, one search and two scatters are cheaper.
+_MAX_THRESHOLD_PASSES = 15
+
+
+def counts_and_sums(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the count and the sum of the elements whose nearest level is each of `levels`.
+
+    x: (rows, elements); levels: (rows, n) ascending. Element x belongs to level j when
+    mid_(j-1) < x <= mid_j (ties to the lower level, as `nearest`). With few levels: from
+    C(t) = #(x > t) and S(t) = sum of x over x > t at every midpoint t (relu(x - t) is > 0 exactly
+    when x > t, and sums to S(t) - t C(t)); no search, no scatter.
+    """
+    if levels.shape[1] - 1 > _MAX_THRESHOLD_PASSES:
+        idx = nearest(x, levels)
+        counts = torch.zeros_like(levels).scatter_add_(1, idx, torch.ones_like(x))
+        return counts, torch.zeros_like(levels).scatter_add_(1, idx, x)
+    mids = (levels[:, 1:] + levels[:, :-1]) / 2
+    above_counts = [torch.full_like(levels[:, 0], x.shape[1])]
+    above_sums = [x.sum(1)]
+    for j in range(mids.shape[1]):
+        t = mids[:, j:j + 1]
+        excess = torch.sub(x, t).relu_()
+        count = torch.count_nonzero(excess, dim=1).to(x.dtype)
+        above_counts.append(count)
+        above_sums.append(excess.sum(1) + t[:, 0] * count)
+    zero = torch.zeros_like(levels[:, :1])
+    c, s = torch.stack(above_counts, 1), torch.stack(above_sums, 1)
+    return c - torch.cat([c[:, 1:], zero], 1), s - torch.cat([s[:, 1:], zero], 1)
 
 
 class _STE(torch.autograd.Function):
@@ -146,9 +178,7 @@ class LQNetsQuantizer(Quantizer):
         eye = torch.eye(self.bits, device=x.device, dtype=x.dtype)
         for _ in range(self.qem_iters):
             levels, codes = self.sorted_levels(v)  # (rows, 2^b), (rows, 2^b, bits)
-            idx = nearest(x, levels)
-            counts = torch.zeros_like(levels).scatter_add_(1, idx, torch.ones_like(x))
-            sums = torch.zeros_like(levels).scatter_add_(1, idx, x)
+            counts, sums = counts_and_sums(x, levels)
             gram = codes.transpose(1, 2) @ (codes * counts[..., None])
             # A tiny ridge towards the current basis keeps a basis entry whose bit no element uses
             # (all-zero row of B^T B) where it is, instead of making the system singular.

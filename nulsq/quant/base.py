@@ -65,8 +65,8 @@ class Quantizer(nn.Module):
             )
         if role not in ("weight", "act"):
             raise ValueError(f"role must be 'weight' or 'act', got {role!r}")
-        if grad_scale not in ("none", "lsq"):
-            raise UserError(f"unknown quantizer.grad_scale '{grad_scale}'; valid: lsq, none")
+        if grad_scale not in ("none", "lsq", "authors"):
+            raise UserError(f"unknown quantizer.grad_scale '{grad_scale}'; valid: authors, lsq, none")
         if init_reduce not in INIT_REDUCTIONS:
             raise UserError(f"unknown init.reduce '{init_reduce}'; valid: {', '.join(INIT_REDUCTIONS)}")
         self.init_reduce = init_reduce

@@ -108,17 +108,19 @@ class _Compand(torch.autograd.Function):
         a, sl, off = alpha.detach().to(cd), slopes.detach().to(cd), offsets.detach().to(cd)
         k_count = sl.numel()
         t = (xf.abs() if signed else xf) / a
-        v = t.clamp(0.0, 1.0)
-        k = v.mul(k_count).to(torch.int32).clamp_(max=k_count - 1)  # floor: v >= 0
-        # L g(v) = a_k v + b_k on interval k, then q = round(L g(v)): the level index
-        knots = torch.arange(k_count, dtype=cd, device=x.device) / k_count
-        level = torch.addcmul(_gather((off - sl * knots) * steps, k), _gather(sl * steps, k), v)
-        level = level.round_().to(torch.int32)
+        # v K with v clamped to [0, 1): its integer part is the interval k, never K (at v = 1
+        # the top interval gives L g(v) = L as well)
+        vk = t.clamp(0.0, _BELOW_ONE[cd]).mul_(k_count)
+        k = vk.to(torch.int32)  # floor: vk >= 0
+        # L g(v) = a_k (v K) + b_k on interval k, rounded: the level q; cell = (k, q) in one int
+        knots = torch.arange(k_count, dtype=cd, device=x.device)
+        level = torch.addcmul(_gather((off - sl * knots / k_count) * steps, k),
+                              _gather(sl * (steps / k_count), k), vk)
+        cell = torch.add(level.round_(), k, alpha=steps + 1).to(torch.int32)
         out = _OutputTable(sl, off, steps)
-        y = _gather(out.unit_levels * a, level)
+        y = _gather((out.unit_levels * a).repeat(k_count), cell)  # the level of q, whatever k
         if signed:
             y = torch.copysign(y, xf)
-        cell = k.mul_(steps + 1).add_(level)  # (interval, level) in one int32
         ctx.save_for_backward(xf, t, y, cell, alpha, slopes, offsets)
         ctx.steps, ctx.signed, ctx.authors = steps, signed, authors
         return F._cast(y, x.dtype)
@@ -126,41 +128,56 @@ class _Compand(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         xf, t, y, cell, alpha, slopes, offsets = ctx.saved_tensors
-        steps, signed = ctx.steps, ctx.signed
+        steps, signed, authors = ctx.steps, ctx.signed, ctx.authors
+        need_alpha, need_knots = ctx.needs_input_grad[1], any(ctx.needs_input_grad[2:4])
         cd = xf.dtype
         a, sl, off = alpha.detach().to(cd), slopes.detach().to(cd), offsets.detach().to(cd)
         out = _OutputTable(sl, off, steps)
         d = dy.to(cd).contiguous()
-        inside = mask_grad(d, t, 0.0, 1.0, (True, not ctx.authors))  # dy where |x| < alpha (<=)
-        if ctx.authors:
+        inside = mask_grad(d, t, 0.0, 1.0, (True, not authors))  # dy where |x| < alpha (<=)
+        if authors:
             dx = inside
         else:  # gamma_k(v) / gamma_j(q)
             dx = inside * _gather((sl[:, None] / out.gamma_j[None, :]).reshape(-1), cell)
+        sums = None
+        if need_knots or (need_alpha and authors):
+            sums = _cell_sums(inside, t, xf if signed else None, cell, sl.numel() * (steps + 1))
         dalpha = dslopes = doffsets = None
-        if ctx.needs_input_grad[1]:
-            dot = torch.dot(d.reshape(-1), y.reshape(-1)) - torch.dot(dx.reshape(-1), xf.reshape(-1))
-            dalpha = (dot / a).reshape(alpha.shape).to(alpha.dtype)
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dslopes, doffsets = _knot_gradients(inside, t, xf if signed else None, cell, a, sl, out,
-                                                steps)
+        if need_alpha:
+            # dy/dalpha = y/alpha - x/alpha [inside]; with dx = dy [inside] (authors), the sum of
+            # dx x / alpha is the sum of dy sign(x) t over the inside: the cells' sums already
+            dy_y = torch.dot(d.reshape(-1), y.reshape(-1)) / a
+            dx_x = sums[1].sum() if authors else torch.dot(dx.reshape(-1), xf.reshape(-1)) / a
+            dalpha = (dy_y - dx_x).reshape(alpha.shape).to(alpha.dtype)
+        if need_knots:
+            dslopes, doffsets = _knot_gradients(*sums, a, sl, out, steps)
             dslopes, doffsets = dslopes.to(slopes.dtype), doffsets.to(offsets.dtype)
         return F._cast(dx, dy.dtype), dalpha, dslopes, doffsets, None, None, None
 
 
-def _knot_gradients(inside: Tensor, t: Tensor, x_signed: Tensor | None, cell: Tensor, a: Tensor,
-                    sl: Tensor, out: _OutputTable, steps: int) -> tuple[Tensor, Tensor]:
-    """dL/dgamma, dL/dbeta from per-(interval, level) sums of w = dy sign(x) [inside] and w v.
+# the largest value below 1 per compute dtype (v K then stays below K)
+_BELOW_ONE = {torch.float32: 1.0 - 2.0**-24, torch.float64: 1.0 - 2.0**-53}
+
+
+def _cell_sums(inside: Tensor, t: Tensor, x_signed: Tensor | None, cell: Tensor, bins: int
+               ) -> tuple[Tensor, Tensor]:
+    """Per (interval, level) cell: the sums of w = dy sign(x) [inside] and of w t (= w v there)."""
+    w = inside if x_signed is None else inside * torch.sign(x_signed)
+    index = cell.reshape(-1)  # int32: index_add_ takes it as is (scatter_add_ would need int64)
+    sum_w = w.new_zeros(bins).index_add_(0, index, w.reshape(-1))
+    return sum_w, w.new_zeros(bins).index_add_(0, index, (w * t).reshape(-1))
+
+
+def _knot_gradients(sum_w: Tensor, sum_wv: Tensor, a: Tensor, sl: Tensor, out: _OutputTable,
+                    steps: int) -> tuple[Tensor, Tensor]:
+    """dL/dgamma, dL/dbeta from the cells' sums of w = dy sign(x) [inside] and w v.
 
     Per element, with k its input interval, j its output interval, q = level / L:
         dy/dgamma_k = sign a (v - k/K) / gamma_j,   dy/dbeta_k = sign a / gamma_j   (through g)
         dy/dgamma_j = -sign a (q - beta_j) / gamma_j^2,   dy/dbeta_j = -sign a / gamma_j   (g^-1)
     """
     k_count, levels = sl.numel(), steps + 1
-    w = inside if x_signed is None else inside * torch.sign(x_signed)
-    index = cell.reshape(-1)  # int32: index_add_ takes it as is (scatter_add_ would need int64)
-    sum_w = w.new_zeros(k_count * levels).index_add_(0, index, w.reshape(-1)).view(k_count, levels)
-    sum_wv = (w.new_zeros(k_count * levels).index_add_(0, index, (w * t).reshape(-1))
-              .view(k_count, levels))
+    sum_w, sum_wv = sum_w.view(k_count, levels), sum_wv.view(k_count, levels)
     knots = torch.arange(k_count, dtype=sl.dtype, device=sl.device) / k_count
     r = 1.0 / out.gamma_j
     through_g_gamma = (sum_wv - knots[:, None] * sum_w) @ r

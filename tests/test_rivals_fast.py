@@ -211,3 +211,30 @@ def test_fast_ops_save_no_int64_tensor_for_backward():
         compand_quantize(x, alpha, theta, 3, False).sum().backward()
     big = [t for t in saved if t.numel() == x.numel()]
     assert big and all(t.dtype != torch.int64 for t in big), [t.dtype for t in big]
+
+
+@pytest.mark.slow  # about 20 s: dynamo traces five small graphs (aot_eager: no code generation)
+@pytest.mark.parametrize("kind, signed, role, args", [
+    ("pact", False, "act", {}), ("apot", True, "weight", {}), ("lcq", False, "act", {}),
+    ("dorefa", False, "act", {}), ("lqnets", False, "act", {})])
+def test_rival_ops_trace_without_graph_breaks(kind, signed, role, args):
+    """torch.compile sees each op whole (no graph break) and gives the eager gradients."""
+    q = QUANTIZERS.get(kind)(bits=2, signed=signed, role=role, **args).eval()
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    x = x if signed else x.relu()
+    weight = torch.arange(x.numel(), dtype=torch.float32).view_as(x)
+
+    def loss(x_):
+        return (q(x_) * weight).sum()
+
+    def grads_of(fn):
+        xg = x.clone().requires_grad_()
+        fn(xg).backward()
+        out = [xg.grad] + [p.grad.clone() for p in q.parameters()]
+        q.zero_grad(set_to_none=True)
+        return out
+
+    assert torch._dynamo.explain(loss)(x.clone().requires_grad_()).graph_break_count == 0
+    torch._dynamo.reset()
+    for got, want in zip(grads_of(torch.compile(loss, backend="aot_eager")), grads_of(loss)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,6 @@ classify x against the same grid in one pass), nothing saved but x / alpha and y
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, ClassVar
 
@@ -89,13 +88,19 @@ def mirror(magnitudes: Tensor, signed: bool) -> Tensor:
 # -- interval masks without host syncs ---------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+_BOUNDS: dict[tuple, tuple[float, float]] = {}
+
+
 def open_bounds(lo: float, hi: float, dtype: torch.dtype, closed: tuple[bool, bool]
                 ) -> tuple[float, float]:
     """Bounds (a, b) with a < u < b exactly when u lies in [lo, hi] (ends closed as asked) for
     every u of `dtype` (fp32 arithmetic unless float64), so that `hardtanh_backward(dy, u, a, b)`
     masks dy in one fused pass. A closed end at 0 moves to minus the smallest normal number (not a
-    subnormal, which flush-to-zero would read as 0)."""
+    subnormal, which flush-to-zero would read as 0). Memoised in eager mode (traced when compiling)."""
+    key = (lo, hi, dtype, closed)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and key in _BOUNDS:
+        return _BOUNDS[key]
     wide = np.float64 if dtype == torch.float64 else np.float32
 
     def outward(v: float, direction: float) -> float:
@@ -103,7 +108,10 @@ def open_bounds(lo: float, hi: float, dtype: torch.dtype, closed: tuple[bool, bo
             return direction * float(np.finfo(wide).tiny)
         return float(np.nextafter(wide(v), wide(direction * np.inf)))
 
-    return (outward(lo, -1.0) if closed[0] else lo), (outward(hi, 1.0) if closed[1] else hi)
+    bounds = (outward(lo, -1.0) if closed[0] else lo), (outward(hi, 1.0) if closed[1] else hi)
+    if not compiling:
+        _BOUNDS[key] = bounds
+    return bounds
 
 
 def mask_grad(dy: Tensor, u: Tensor, lo: float, hi: float, closed: tuple[bool, bool]) -> Tensor:

@@ -28,7 +28,7 @@ range it is 0, as g(1) = 1 for every theta). With `grad_scale: authors` the grad
 of theta~ are both scaled by sqrt(Qp / N), as the authors scale alpha, gamma and beta.
 
 Speed: K = 16 intervals, so the compander is a 16-entry table. The forward takes the interval from
-v K (no search), L g(v) = a_k v + b_k from two 16-entry tables, and the output from the (L + 1)-entry
+v K (no search), L g(v) = a_k v K + b_k from one 16-entry table, and the output from the (L + 1)-entry
 table alpha g^-1(j / L); it keeps x / alpha, y and one int32 index (interval, level) per element.
 The backward is elementwise code, two dot products (alpha) and two scatter sums into K (L + 1)
 bins, from which 16-entry table arithmetic gives the gradients of gamma and beta.
@@ -114,8 +114,12 @@ class _Compand(torch.autograd.Function):
         k = vk.to(torch.int32)  # floor: vk >= 0
         # L g(v) = a_k (v K) + b_k on interval k, rounded: the level q; cell = (k, q) in one int
         knots = torch.arange(k_count, dtype=cd, device=x.device)
-        level = torch.addcmul(_gather((off - sl * knots / k_count) * steps, k),
-                              _gather(sl * (steps / k_count), k), vk)
+        intercepts, slopes_vk = (off - sl * knots / k_count) * steps, sl * (steps / k_count)
+        if torch.compiler.is_compiling():  # inductor fuses the gathers (it has no complex codegen)
+            level = torch.addcmul(_gather(intercepts, k), _gather(slopes_vk, k), vk)
+        else:  # eager: both coefficients from one gather of a complex table (b_k + i a_k)
+            coefficients = torch.view_as_real(_gather(torch.complex(intercepts, slopes_vk), k))
+            level = torch.addcmul(coefficients[..., 0], coefficients[..., 1], vk)
         cell = torch.add(level.round_(), k, alpha=steps + 1).to(torch.int32)
         out = _OutputTable(sl, off, steps)
         y = _gather((out.unit_levels * a).repeat(k_count), cell)  # the level of q, whatever k

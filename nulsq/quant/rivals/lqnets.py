@@ -75,9 +75,10 @@ def counts_and_sums(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
     mids = (levels[:, 1:] + levels[:, :-1]) / 2
     above_counts = [torch.full_like(levels[:, 0], x.shape[1])]
     above_sums = [x.sum(1)]
+    excess = torch.empty_like(x)  # one buffer for every threshold
     for j in range(mids.shape[1]):
         t = mids[:, j:j + 1]
-        excess = torch.sub(x, t).relu_()
+        torch.sub(x, t, out=excess).relu_()
         count = torch.count_nonzero(excess, dim=1).to(x.dtype)
         above_counts.append(count)
         above_sums.append(excess.sum(1) + t[:, 0] * count)
@@ -205,7 +206,7 @@ class LQNetsQuantizer(Quantizer):
         if not self.per_channel and x.dtype in FAST_DTYPES:
             low = levels[0, :1]
             steps = (levels[0, 1:] - levels[0, :-1]).float().clamp_min(0.0)
-            return F._cast(F.nulsq(x - low, steps) + low, x.dtype)
+            return F._cast(F.nulsq(x - low, steps).add_(low), x.dtype)
         rows = self._rows(x)
         return torch.gather(levels, 1, nearest(rows, levels)).view(x.shape)
 

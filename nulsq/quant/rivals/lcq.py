@@ -122,6 +122,8 @@ class _Compand(torch.autograd.Function):
             level = torch.addcmul(coefficients[..., 0], coefficients[..., 1], vk)
         cell = torch.add(level.round_(), k, alpha=steps + 1).to(torch.int32)
         out = _OutputTable(sl, off, steps)
+        # eager: the backward reuses these small tables (a traced graph recomputes them)
+        ctx.out = None if torch.compiler.is_compiling() else out
         y = _gather((out.unit_levels * a).repeat(k_count), cell)  # the level of q, whatever k
         if signed:
             y = torch.copysign(y, xf)
@@ -135,8 +137,8 @@ class _Compand(torch.autograd.Function):
         steps, signed, authors = ctx.steps, ctx.signed, ctx.authors
         need_alpha, need_knots = ctx.needs_input_grad[1], any(ctx.needs_input_grad[2:4])
         cd = xf.dtype
-        a, sl, off = alpha.detach().to(cd), slopes.detach().to(cd), offsets.detach().to(cd)
-        out = _OutputTable(sl, off, steps)
+        a, sl = alpha.detach().to(cd), slopes.detach().to(cd)
+        out = ctx.out or _OutputTable(sl, offsets.detach().to(cd), steps)
         d = dy.to(cd).contiguous()
         inside = mask_grad(d, t, 0.0, 1.0, (True, not authors))  # dy where |x| < alpha (<=)
         if authors:

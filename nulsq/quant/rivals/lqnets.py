@@ -169,8 +169,11 @@ class LQNetsQuantizer(Quantizer):
     def fit_basis(self, x: Tensor) -> None:
         """One QEM round on x (qem_iters alternations), then the moving-average update."""
         self._match_channels(x)
-        with torch.autocast(x.device.type, enabled=False):  # the normal equations stay in fp32
-            rows = self._rows(x).to(self.basis.dtype)
+        rows = self._rows(x).to(self.basis.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):  # the normal equations stay in fp32
+                v = self._qem(rows, self._basis_rows().clone())
+        else:
             v = self._qem(rows, self._basis_rows().clone())
         self.basis.mul_(self.momentum).add_((1.0 - self.momentum) * v.reshape(self.basis.shape))
 
@@ -194,15 +197,16 @@ class LQNetsQuantizer(Quantizer):
             self.fit_basis(x.detach())
         self._match_channels(x)
         with torch.no_grad():
-            q = self._nearest_level(x.detach())
+            levels, _ = self.sorted_levels(self._basis_rows().to(x.dtype))
+            q = self._nearest_level(x.detach(), levels)
         top = None
         if self.clip_top:
-            top = self.sorted_levels(self._basis_rows().to(x.dtype))[0][..., -1]
+            top = levels[:, -1]
             top = top.reshape(-1, *([1] * (x.dim() - 1))) if self.per_channel else top.reshape(())
         return _STE.apply(x, q, top)
 
-    def _nearest_level(self, x: Tensor) -> Tensor:
-        levels, _ = self.sorted_levels(self._basis_rows().to(x.dtype))
+    def _nearest_level(self, x: Tensor, levels: Tensor) -> Tensor:
+        """The nearest of each row's ascending `levels` (rows, 2^b) for every element of x."""
         if not self.per_channel and x.dtype in FAST_DTYPES:
             low = levels[0, :1]
             steps = (levels[0, 1:] - levels[0, :-1]).float().clamp_min(0.0)

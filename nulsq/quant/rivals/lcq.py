@@ -28,10 +28,11 @@ range it is 0, as g(1) = 1 for every theta). With `grad_scale: authors` the grad
 of theta~ are both scaled by sqrt(Qp / N), as the authors scale alpha, gamma and beta.
 
 Speed: K = 16 intervals, so the compander is a 16-entry table. The forward takes the interval from
-v K (no search), L g(v) = a_k v K + b_k from one 16-entry table, and the output from the (L + 1)-entry
-table alpha g^-1(j / L); it keeps x / alpha, y and one int32 index (interval, level) per element.
-The backward is elementwise code, two dot products (alpha) and two scatter sums into K (L + 1)
-bins, from which 16-entry table arithmetic gives the gradients of gamma and beta.
+v K (no search), L g(v) = a_k v K + b_k from one 16-entry table, and the output from the
+(L + 1)-entry table alpha g^-1(j / L); it keeps x / alpha, y and one int32 index (interval, level)
+per element, no int64 tensor. The backward is elementwise code, one dot product for alpha (two
+under `grad: compander`) and two scatter sums into the K (L + 1) cells, from which table
+arithmetic gives the gradients of gamma and beta. No host syncs, no Python loop over elements.
 
 Weights pass through LCQ's limited weight normalisation first (`weight_norm: lwn`): the quantizer
 sees (w - mean) / std and its output is multiplied by std. The clips start at 3.0 (weights, in

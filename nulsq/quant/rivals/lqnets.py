@@ -55,8 +55,8 @@ def nearest(x: Tensor, levels: Tensor) -> Tensor:
     return torch.searchsorted(mids.to(x.dtype).contiguous(), x.contiguous())
 
 
-# Up to this many thresholds (4 bits) the per-level statistics come from one pass per threshold;
-# beyond, one search and two scatters are cheaper.
+# Up to this many thresholds (4 bits) the per-level statistics come from one broadcast pass over
+# (threshold, element) pairs; beyond, one search and two scatters are cheaper.
 _MAX_THRESHOLD_PASSES = 15
 
 
@@ -73,17 +73,12 @@ def counts_and_sums(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
         counts = torch.zeros_like(levels).scatter_add_(1, idx, torch.ones_like(x))
         return counts, torch.zeros_like(levels).scatter_add_(1, idx, x)
     mids = (levels[:, 1:] + levels[:, :-1]) / 2
-    above_counts = [torch.full_like(levels[:, 0], x.shape[1])]
-    above_sums = [x.sum(1)]
-    excess = torch.empty_like(x)  # one buffer for every threshold
-    for j in range(mids.shape[1]):
-        t = mids[:, j:j + 1]
-        torch.sub(x, t, out=excess).relu_()
-        count = torch.count_nonzero(excess, dim=1).to(x.dtype)
-        above_counts.append(count)
-        above_sums.append(excess.sum(1) + t[:, 0] * count)
+    excess = (x[:, None, :] - mids[:, :, None]).relu_()  # (rows, thresholds, elements), one pass
+    above = torch.count_nonzero(excess, dim=2).to(x.dtype)  # C(t)
+    above_sums = excess.sum(2) + mids * above  # S(t)
+    c = torch.cat([torch.full_like(levels[:, :1], x.shape[1]), above], 1)
+    s = torch.cat([x.sum(1, keepdim=True), above_sums], 1)
     zero = torch.zeros_like(levels[:, :1])
-    c, s = torch.stack(above_counts, 1), torch.stack(above_sums, 1)
     return c - torch.cat([c[:, 1:], zero], 1), s - torch.cat([s[:, 1:], zero], 1)
 
 

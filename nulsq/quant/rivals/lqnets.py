@@ -74,8 +74,9 @@ def counts_and_sums(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
         return counts, torch.zeros_like(levels).scatter_add_(1, idx, x)
     mids = (levels[:, 1:] + levels[:, :-1]) / 2
     excess = (x[:, None, :] - mids[:, :, None]).relu_()  # (rows, thresholds, elements), one pass
-    above = torch.count_nonzero(excess, dim=2).to(x.dtype)  # C(t)
-    above_sums = excess.sum(2) + mids * above  # S(t)
+    excess_sums = excess.sum(2)
+    above = excess.sign_().sum(2)  # C(t), in x's dtype (count_nonzero would cast to int64)
+    above_sums = excess_sums + mids * above  # S(t)
     c = torch.cat([torch.full_like(levels[:, :1], x.shape[1]), above], 1)
     s = torch.cat([x.sum(1, keepdim=True), above_sums], 1)
     zero = torch.zeros_like(levels[:, :1])

@@ -29,10 +29,10 @@ of theta~ are both scaled by sqrt(Qp / N), as the authors scale alpha, gamma and
 
 Speed: K = 16 intervals, so the compander is a 16-entry table. The forward takes the interval from
 v K (no search), L g(v) = a_k v K + b_k from one 16-entry table, and the output from the
-(L + 1)-entry table alpha g^-1(j / L); it keeps x / alpha, y and one int32 index (interval, level)
-per element, no int64 tensor. The backward is elementwise code, one dot product for alpha (two
-under `grad: compander`) and two scatter sums into the K (L + 1) cells, from which table
-arithmetic gives the gradients of gamma and beta. No host syncs, no Python loop over elements.
+(L + 1)-entry table alpha g^-1(j / L); it keeps x / alpha, y and one int32 index (interval, level,
+scatter lane) per element, no int64 tensor. The backward is elementwise code, one dot product for
+alpha (two under `grad: compander`) and two scatter sums into the K (L + 1) cells, from which
+table arithmetic gives the gradients of gamma and beta. No host syncs, no Python loop over elements.
 
 Weights pass through LCQ's limited weight normalisation first (`weight_norm: lwn`): the quantizer
 sees (w - mean) / std and its output is multiplied by std. The clips start at 3.0 (weights, in
@@ -126,6 +126,9 @@ class _Compand(torch.autograd.Function):
         # eager: the backward reuses these small tables (a traced graph recomputes them)
         ctx.out = None if torch.compiler.is_compiling() else out
         y = _gather((out.unit_levels * a).repeat(k_count), cell)  # the level of q, whatever k
+        # cell * LANES + (element index mod LANES): neighbouring elements of one cell (a ReLU's
+        # zeros) then add into different bins, so the backward's scatter sums do not serialise
+        cell = cell.mul_(_LANES).add_(_lanes(cell.numel(), cell.device).view(cell.shape))
         if signed:
             y = torch.copysign(y, xf)
         ctx.save_for_backward(xf, t, y, cell, alpha, slopes, offsets)
@@ -145,7 +148,8 @@ class _Compand(torch.autograd.Function):
         if authors:
             dx = inside
         else:  # gamma_k(v) / gamma_j(q)
-            dx = inside * _gather((sl[:, None] / out.gamma_j[None, :]).reshape(-1), cell)
+            ratio = (sl[:, None] / out.gamma_j[None, :]).reshape(-1).repeat_interleave(_LANES)
+            dx = inside * _gather(ratio, cell)
         sums = None
         if need_knots or (need_alpha and authors):
             sums = _cell_sums(inside, t, xf if signed else None, cell, sl.numel() * (steps + 1))
@@ -162,17 +166,38 @@ class _Compand(torch.autograd.Function):
         return F._cast(dx, dy.dtype), dalpha, dslopes, doffsets, None, None, None
 
 
+# Scatter lanes per cell (see the forward), and the lane of each element for the sizes seen.
+_LANES = 8
+_LANE_CACHE: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _lanes(n: int, device: torch.device) -> Tensor:
+    """(element index mod _LANES) as int32 for n elements; cached per size in eager mode."""
+    key = (n, device)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and key in _LANE_CACHE:
+        return _LANE_CACHE[key]
+    lanes = torch.arange(n, dtype=torch.int32, device=device).bitwise_and_(_LANES - 1)
+    if not compiling:
+        if len(_LANE_CACHE) >= 64:  # a model has a few activation sizes; bound it anyway
+            _LANE_CACHE.clear()
+        _LANE_CACHE[key] = lanes
+    return lanes
+
+
 # the largest value below 1 per compute dtype (v K then stays below K)
 _BELOW_ONE = {torch.float32: 1.0 - 2.0**-24, torch.float64: 1.0 - 2.0**-53}
 
 
 def _cell_sums(inside: Tensor, t: Tensor, x_signed: Tensor | None, cell: Tensor, bins: int
                ) -> tuple[Tensor, Tensor]:
-    """Per (interval, level) cell: the sums of w = dy sign(x) [inside] and of w t (= w v there)."""
+    """Per (interval, level) cell: the sums of w = dy sign(x) [inside] and of w t (= w v there).
+    `cell` holds cell * _LANES + lane: the lanes' partial sums are added up at the end."""
     w = inside if x_signed is None else inside * torch.sign(x_signed)
     index = cell.reshape(-1)  # int32: index_add_ takes it as is (scatter_add_ would need int64)
-    sum_w = w.new_zeros(bins).index_add_(0, index, w.reshape(-1))
-    return sum_w, w.new_zeros(bins).index_add_(0, index, (w * t).reshape(-1))
+    sum_w = w.new_zeros(bins * _LANES).index_add_(0, index, w.reshape(-1))
+    sum_wv = w.new_zeros(bins * _LANES).index_add_(0, index, (w * t).reshape(-1))
+    return sum_w.view(bins, _LANES).sum(1), sum_wv.view(bins, _LANES).sum(1)
 
 
 def _knot_gradients(sum_w: Tensor, sum_wv: Tensor, a: Tensor, sl: Tensor, out: _OutputTable,

@@ -19,6 +19,11 @@ All cases of a table take turns in every timed round (after warm-up), so a busy 
 them alike: "ms" is the median over rounds, each ratio the median of the per-round ratios.
 Step configurations that do not fit in --budget-s (or fail) are skipped and listed, so the script
 always ends in time.
+Rivals (--rivals; --rivals-only skips the tables above): each rival quantizer (PACT, APoT, LCQ,
+DoReFa, LQ-Nets, on activations) forward + backward against PyTorch's fused LSQ op, and one
+training step of pre-activation ResNet-20 (batch 32 on CPU) per rival config against FP.
+
+    python scripts/bench.py --device cpu --rivals-only --threads 1
 """
 
 from __future__ import annotations
@@ -135,6 +140,51 @@ def op_rows(device: torch.device, numel: int, reps: int, bits_list: list[int]) -
     return rows
 
 
+# rival op rows: (label, quantizer kind, quantizer args), activations after ReLU (unsigned)
+RIVAL_OPS = [("PACT", "pact", {}), ("APoT", "apot", {}), ("LCQ", "lcq", {}),
+             ("DoReFa", "dorefa", {}), ("LQ-Nets (training: QEM fit)", "lqnets", {})]
+# rival step rows: configs/quantizer/<name>.yaml, FP and LSQ first for reference
+RIVAL_STEP_METHODS = ["fp", "lsq", "dorefa", "pact", "apot", "lqnets", "lcq", "lcq_apot_type"]
+
+
+def rival_op_rows(device: torch.device, numel: int, reps: int, bits: int) -> list[dict]:
+    """Each rival's quantizer module, forward + backward on `numel` fp32 post-ReLU elements, with
+    its ratio to PyTorch's fused LSQ op measured in the same rounds."""
+    import nulsq.quant.rivals  # noqa: F401  (registers the kinds)
+    from nulsq.quant.base import QUANTIZERS
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(numel, device=device, generator=gen).relu_().requires_grad_()
+    dy = torch.randn(numel, device=device, generator=gen)
+    step = torch.tensor([0.5], device=device, requires_grad=True)
+    zero = torch.tensor([0.0], device=device)
+    qmax = 2**bits - 1
+    cases: dict[str, Callable[[], object]] = {"torch fused LSQ op": _fwd_bwd(
+        lambda x: torch._fake_quantize_learnable_per_tensor_affine(x, step, zero, 0, qmax, 1.0),
+        x0, dy)}
+    for label, kind, args in RIVAL_OPS:
+        q = QUANTIZERS.get(kind)(bits=bits, signed=False, role="act", **args).to(device).train()
+        if getattr(q, "theta", None) is not None:  # a learned compander, not the identity
+            with torch.no_grad():
+                q.theta.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
+        cases[f"{label} {bits}-bit"] = _fwd_bwd(q, x0, dy)
+    times = interleaved_ms(cases, device, warmup=2, rounds=reps, calls=1)
+    fused = times["torch fused LSQ op"]["samples"]
+    return [{"op": name, "numel": numel, "ms": t["ms"], "min_ms": t["min_ms"],
+             "vs_torch_fused_lsq": statistics.median(a / b for a, b in zip(t["samples"], fused))}
+            for name, t in times.items()]
+
+
+def rival_step_plan(device: torch.device, models: list[str] | None, bits_list: list[int]
+                    ) -> list[tuple[str, int, int, str, int, str]]:
+    """(model, batch, image side, method, bits, "fast") for every rival config and FP."""
+    shape = ("preresnet20", 128, 32) if device.type == "cuda" else ("preresnet20", 32, 32)
+    if models and shape[0] not in models:
+        return []
+    return [(*shape, m, b, "fast") for b in bits_list for m in RIVAL_STEP_METHODS
+            if m != "fp" or b == bits_list[0]]
+
+
 def reference_op_rows(device: torch.device, numel: int, bits_list: list[int]) -> list[dict]:
     """The same nuLSQ op on the reference kernels (A/B), fewer repetitions: it is slow."""
     with kernels.reference_kernels():
@@ -238,15 +288,18 @@ def _in_context(step: Callable[[], None], context) -> Callable[[], None]:
 
 
 def step_rows(device: torch.device, quick: bool, models: list[str] | None, compile: bool,
-              warmup: int, rounds: int, calls: int, build_deadline: float
+              warmup: int, rounds: int, calls: int, build_deadline: float,
+              plan: list[tuple[str, int, int, str, int, str]] | None = None
               ) -> tuple[list[dict], list[str]]:
-    """Build (and compile, if asked) every planned step until the deadline, then time them all,
-    taking turns; ratios are to the same model's FP step."""
+    """Build (and compile, if asked) every planned step (default: `step_plan`) until the
+    deadline, then time them all, taking turns; ratios are to the same model's FP step."""
     # every model instance is a recompile of the same forward code objects: allow them all
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     built: dict[str, tuple[dict, Callable[[], None]]] = {}
     skipped = []
-    for model, batch, size, method, bits, variant in step_plan(device, quick, models, compile):
+    if plan is None:
+        plan = step_plan(device, quick, models, compile)
+    for model, batch, size, method, bits, variant in plan:
         label = _label(model, batch, size, method, bits, variant)
         if time.monotonic() > build_deadline:
             skipped.append(label)
@@ -314,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-steps", action="store_true", help="skip the step benchmark")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile the training steps (auto: on CUDA only)")
+    parser.add_argument("--rivals", action="store_true",
+                        help="also time the rival quantizers (op level and step level)")
+    parser.add_argument("--rivals-only", action="store_true",
+                        help="time only the rival quantizers (implies --rivals)")
+    parser.add_argument("--rival-bits", type=lambda v: [int(b) for b in v.split(",")], default=[2],
+                        help="comma-separated bit widths of the rival tables (default: 2)")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -343,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# nulsq bench on {result['device']} (torch {torch.__version__}, fast paths: "
           f"{', '.join(result['fast_paths']) or 'none'})", flush=True)
 
-    if not args.no_ops:
+    if not args.no_ops and not args.rivals_only:
         bits_list = [2, 4] if args.quick else [2, 3, 4, 8]
         ops = op_rows(device, numel, op_reps, bits_list)
         if not args.quick:
@@ -355,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                            ("x torch fused LSQ", "vs_torch_fused_lsq", ".2f"),
                            ("x memory floor", "vs_memory_floor", ".2f")]), flush=True)
 
-    if not args.no_steps:
+    if not args.no_steps and not args.rivals_only:
         compile = args.compile == "on" or (args.compile == "auto" and cuda)
         print(f"\n## Training step (median ms, {'compiled' if compile else 'eager'})\n",
               flush=True)
@@ -374,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
         if skipped:
             print(f"\nskipped (over the {budget:.0f} s budget): {'; '.join(skipped)}")
 
+    if args.rivals or args.rivals_only:
+        _rival_tables(args, device, cuda, numel, op_reps, warmup, rounds, calls, start, budget,
+                      result)
+
     result["total_s"] = time.monotonic() - start
     print(f"\ntotal {result['total_s']:.0f} s", flush=True)
     if args.out:
@@ -381,6 +444,35 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
     return 0
+
+
+def _rival_tables(args, device: torch.device, cuda: bool, numel: int, op_reps: int, warmup: int,
+                  rounds: int, calls: int, start: float, budget: float, result: dict) -> None:
+    """The rival op and step tables (--rivals), into `result` and printed."""
+    if not args.no_ops:
+        rows = [row for bits in args.rival_bits
+                for row in rival_op_rows(device, numel, op_reps, bits)]
+        result["rival_ops"] = rows
+        print(f"\n## Rival ops forward+backward, {numel / 1e6:.1f}M fp32 elements\n")
+        print(_table(rows, [("op", "op", "s"), ("ms", "ms", ".3f"), ("min ms", "min_ms", ".3f"),
+                            ("x torch fused LSQ", "vs_torch_fused_lsq", ".2f")]), flush=True)
+    if not args.no_steps:
+        compile = args.compile == "on" or (args.compile == "auto" and cuda)
+        print(f"\n## Rival training steps (median ms, {'compiled' if compile else 'eager'})\n",
+              flush=True)
+        plan = rival_step_plan(device, args.models, args.rival_bits)
+        # the rival table gets its own budget when it is the only one
+        deadline = (time.monotonic() + budget if args.rivals_only else start + budget) - 30.0
+        steps, skipped = step_rows(device, args.quick, args.models, compile, warmup, rounds, calls,
+                                   deadline, plan=plan)
+        result["rival_steps"], result["rival_skipped"] = steps, skipped
+        print()
+        print(_table(steps, [("model", "model", "s"), ("batch", "batch", "d"),
+                             ("method", "method", "s"), ("bits", "bits", "d"),
+                             ("ms", "ms", ".2f"), ("min ms", "min_ms", ".2f"),
+                             ("x FP", "vs_fp", ".2f"), ("setup s", "setup_s", ".0f")]))
+        if skipped:
+            print(f"\nskipped (over the budget): {'; '.join(skipped)}")
 
 
 if __name__ == "__main__":

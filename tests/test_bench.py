@@ -50,3 +50,19 @@ def test_bench_cpu_quick_writes_ratios(bench, tmp_path: Path, capsys) -> None:
     assert steps[0]["vs_fp"] == 1.0 and all(r["vs_fp"] > 0 and r["ms"] > 0 for r in steps)
     printed = capsys.readouterr().out
     assert "| preresnet20 | 32 | nulsq_a | 2 | fast |" in printed and "x FP" in printed
+
+
+def test_rival_tables_plan_and_ops(bench, tmp_path: Path) -> None:
+    plan = bench.rival_step_plan(torch.device("cpu"), None, [2, 4])
+    assert [row[3:5] for row in plan[:2]] == [("fp", 2), ("lsq", 2)]
+    assert [row[3] for row in plan].count("fp") == 1 and len(plan) == 2 * len(bench.RIVAL_STEP_METHODS) - 1
+    assert all(row[:3] == ("preresnet20", 32, 32) for row in plan)
+    out = tmp_path / "rivals.json"
+    assert bench.main(["--device", "cpu", "--rivals-only", "--no-steps", "--quick", "--numel", "4096",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "ops" not in result and "steps" not in result
+    rows = {row["op"]: row for row in result["rival_ops"]}
+    assert rows["torch fused LSQ op"]["vs_torch_fused_lsq"] == 1.0
+    assert {f"{label} 2-bit" for label, _, _ in bench.RIVAL_OPS} <= set(rows)
+    assert all(row["ms"] > 0 and row["vs_torch_fused_lsq"] > 0 for row in rows.values())

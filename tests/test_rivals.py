@@ -217,7 +217,8 @@ def test_lcq_learned_compander_forward_and_gradients(bits, signed):
     theta = RNG.normal(0, 0.5, size=K)
     x = RNG.uniform(-2.2, 2.2, size=60)
     g = RNG.normal(size=60)
-    q = make("lcq", bits, signed, "act", alpha=a)
+    # Differentiated through the compander (the authors' STE is tested in test_rivals_authors.py).
+    q = make("lcq", bits, signed, "act", alpha=a, grad="compander")
     with torch.no_grad():
         q.theta.copy_(torch.tensor(theta))
     y, dx, grads = run(q, x, g)
@@ -244,7 +245,7 @@ def test_lcq_weights_use_limited_weight_normalisation():
     w = RNG.normal(0.02, 0.1, size=24)
     g = RNG.normal(size=24)
     theta = RNG.normal(0, 0.5, size=16)
-    q = make("lcq", 3, True, "weight")
+    q = make("lcq", 3, True, "weight", grad="compander")
     assert q.alpha.item() == 3.0 and make("lcq", 3, False, "act").alpha.item() == 8.0
     with torch.no_grad():
         q.theta.copy_(torch.tensor(theta))
@@ -346,7 +347,8 @@ def lq_levels_ref(v, signed):
 @pytest.mark.parametrize("signed", [False, True])
 def test_lqnets_levels_forward_and_ste(signed):
     v = [0.3, 0.7, 1.9]
-    q = make("lqnets", 3, signed, "weight" if signed else "act").eval()
+    # STE 1 everywhere (the official activation STE is tested in test_rivals_authors.py)
+    q = make("lqnets", 3, signed, "weight" if signed else "act", ste="identity").eval()
     q.basis.copy_(torch.tensor(v))
     _, values = lq_levels_ref(v, signed)
     np.testing.assert_allclose(q.levels().numpy(), np.sort(values), atol=1e-12)

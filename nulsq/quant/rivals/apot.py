@@ -22,8 +22,12 @@ Gradients: APoT's reparameterised clipping function (RCF), STE through P:
 
     dy/dalpha = P(x/alpha) - x/alpha inside the clip range, the clipped level outside (sign(x);
     for unsigned inputs 1 above alpha and 0 below zero);
-    dy/dx = 1 inside; outside 0 for activations (clipped STE) and 1 for weights (APoT's code
-    passes the weight gradient unclipped).
+    dy/dx = 1 inside; outside 0 for activations (clipped STE) and 1 for weights (APoT's CIFAR
+    code passes the weight gradient unclipped). APoT's official ImageNet code, and the nuLSQ
+    authors' copy of it, clip the weight gradient at 3 bits and more (their weights go through
+    clamp(-1, 1)) and pass it unclipped only for 2-bit (ternary) weights: `ste: authors`.
+
+The op is `clip_base.clip_project` (one autograd Function, no bucketize on the fast path).
 
 Weights are standardised first, (w - mean) / std with the statistics as constants, and the output
 is left in normalised units, as in APoT's CIFAR code (`weight_norm: standardize`).
@@ -35,9 +39,9 @@ from typing import ClassVar
 
 import torch
 
+from nulsq.errors import UserError
 from nulsq.quant.base import QUANTIZERS
-from nulsq.quant.rivals.pact import ClipQuantizer, mirror
-from nulsq.registry import Registry
+from nulsq.quant.rivals.clip_base import STE_MODES, ClipQuantizer, clip_project, mirror
 
 # Per magnitude bit width B: for each additive term, the exponents e of its non-zero values 2^-e.
 APOT_TERMS: dict[int, tuple[tuple[int, ...], ...]] = {
@@ -49,12 +53,6 @@ APOT_TERMS: dict[int, tuple[tuple[int, ...], ...]] = {
     6: ((1, 4, 7), (2, 5, 8), (3, 6, 9)),
 }
 
-# STE choice for x outside the clip range: True = clipped (gradient 0 there), False = unclipped.
-STE_MODES: Registry[bool] = Registry("STE mode")
-STE_MODES.register("clipped")(True)
-STE_MODES.register("unclipped")(False)
-
-
 def apot_magnitudes(magnitude_bits: int) -> torch.Tensor:
     """The 2^B ascending non-negative APoT levels for B = magnitude_bits, the largest equal to 1."""
     sums = torch.zeros(1, dtype=torch.float64)
@@ -65,41 +63,6 @@ def apot_magnitudes(magnitude_bits: int) -> torch.Tensor:
     return (levels / levels.max()).float()
 
 
-def project(c: torch.Tensor, magnitudes: torch.Tensor, signed: bool) -> torch.Tensor:
-    """Nearest level of sign(c) * magnitudes (ties toward zero); c must lie in [-1, 1] or [0, 1]."""
-    mags = magnitudes.to(device=c.device, dtype=c.dtype)
-    mids = (mags[1:] + mags[:-1]) / 2
-    nearest = mags[torch.bucketize(c.abs(), mids)]
-    return torch.sign(c) * nearest if signed else nearest
-
-
-def clip_project(
-    x: torch.Tensor,
-    alpha: torch.Tensor,
-    magnitudes: torch.Tensor,
-    signed: bool,
-    clipped_ste: bool = True,
-) -> torch.Tensor:
-    """y = alpha * P(clamp(x / alpha)) with the RCF gradients of the module docstring.
-
-    Args:
-        x: input (any shape).
-        alpha: the clipping threshold (0-d tensor, differentiable).
-        magnitudes: ascending non-negative levels for alpha = 1, magnitudes[0] = 0, the last = 1.
-        signed: symmetric levels +-magnitudes (clip to [-1, 1]) or magnitudes only (clip to [0, 1]).
-        clipped_ste: dy/dx = 0 outside the clip range (True) or 1 everywhere (False).
-    """
-    u = x / alpha
-    c = u.clamp(-1.0 if signed else 0.0, 1.0)
-    p = project(c.detach(), magnitudes, signed)
-    # alpha * (c with p's value): autograd gives dy/dalpha = p - u inside, p (= sign) outside.
-    y = alpha * (c + (p - c.detach()))
-    if not clipped_ste:
-        outside = (c != u).to(x.dtype)
-        y = y + (x - x.detach()) * outside  # adds dy/dx = 1 outside, changes no value
-    return y
-
-
 @QUANTIZERS.register("apot")
 class APoTQuantizer(ClipQuantizer):
     """APoT: additive powers-of-two levels (module docstring), learnable clip alpha.
@@ -107,8 +70,9 @@ class APoTQuantizer(ClipQuantizer):
     Args: as ClipQuantizer (clip_init defaults to "data": the supplement initialises every
     quantizer parameter of main Table 5 by the MSE method; APoT's code starts at 3.0 for normalised
     weights, 8.0 for CIFAR activations), plus
-        ste: "default" (unclipped for weights as APoT's code, clipped for activations), "clipped"
-            or "unclipped".
+        ste: "default" (unclipped for weights as APoT's CIFAR code, clipped for activations),
+            "authors" (the official ImageNet code and the nuLSQ authors': weights clipped at 3 bits
+            and more, unclipped at 2 bits; activations clipped), "clipped" or "unclipped".
     """
 
     kind = "apot"
@@ -117,9 +81,19 @@ class APoTQuantizer(ClipQuantizer):
 
     def __init__(self, *args, ste: str = "default", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.clipped_ste = self.role == "act" if ste == "default" else STE_MODES.get(ste)
+        self.clipped_ste = self._resolve_ste(ste)
         magnitude_bits = self.bits - 1 if self.signed else self.bits
         self.register_buffer("magnitudes", apot_magnitudes(magnitude_bits), persistent=False)
+
+    def _resolve_ste(self, ste: str) -> bool:
+        if ste == "default":
+            return self.role == "act"
+        if ste == "authors":
+            return self.role == "act" or self.bits >= 3
+        if ste not in STE_MODES:
+            raise UserError(f"unknown apot ste '{ste}'; valid: default, authors, "
+                            f"{', '.join(STE_MODES.names())}")
+        return STE_MODES.get(ste)
 
     def clip_quantize(self, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         return clip_project(x, alpha, self.magnitudes, self.signed, self.clipped_ste)

@@ -13,7 +13,8 @@ printed.
 
 Activations (DoReFa's own): y = quantize_k(clamp(x, 0, 1)), dy/dx = 1 on [0, 1], 0 outside.
 Signed activations (first layer, GELU models): the same on clamp(x, -1, 1) mapped to [0, 1], i.e.
-2^k levels evenly spaced on [-1, 1].
+2^k levels evenly spaced on [-1, 1]. The activation op is one autograd Function: four in-place
+elementwise passes forward, one masked pass backward (torch.compile fuses both).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from nulsq.errors import UserError
 from nulsq.quant.base import QUANTIZERS, Quantizer
+from nulsq.quant.rivals.clip_base import mask_grad
 
 SCALES = ("max", "none")
 
@@ -37,11 +39,25 @@ def dorefa_weight(w: torch.Tensor, steps: int) -> torch.Tensor:
     return 2 * quantize_unit(t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5, steps) - 1
 
 
+class _DoReFaAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, steps: int, signed: bool) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.signed = signed
+        if not signed:
+            return x.clamp(0.0, 1.0).mul_(steps).round_().div_(steps)
+        return x.clamp(-1.0, 1.0).add_(1).div_(2).mul_(steps).round_().div_(steps).mul_(2).sub_(1)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return mask_grad(dy, x, -1.0 if ctx.signed else 0.0, 1.0, (True, True)), None, None
+
+
 def dorefa_act(x: torch.Tensor, steps: int, signed: bool) -> torch.Tensor:
-    """quantize_k(clamp(x, 0, 1)); signed: the same on [-1, 1] (clamp, map to [0, 1], map back)."""
-    if not signed:
-        return quantize_unit(x.clamp(0.0, 1.0), steps)
-    return 2 * quantize_unit((x.clamp(-1.0, 1.0) + 1) / 2, steps) - 1
+    """quantize_k(clamp(x, 0, 1)); signed: the same on [-1, 1] (clamp, map to [0, 1], map back).
+    dy/dx = 1 on the closed clip range, 0 outside."""
+    return _DoReFaAct.apply(x, int(steps), bool(signed))
 
 
 @QUANTIZERS.register("dorefa")

@@ -14,11 +14,25 @@ are theta_k = softmax(theta~)_k (the K learnable companding parameters), so g ma
 
 theta~ = 0 gives g = identity: LCQ starts as a uniform quantizer with step alpha / L.
 
-Gradients: the STE replaces only the rounding (dq_L/du = 1); everything else is differentiated as
-written, which gives
-    dy/dx = gamma_k(v) / gamma_j(q) inside the clip range, 0 outside (clipped STE);
-    dy/dalpha = g^-1(q) - v gamma_k / gamma_j inside, sign(x) outside;
-    dy/dtheta~ through g and g^-1 (outside the clip range it is 0, as g(1) = 1 for every theta).
+Gradients, `grad: authors` (the default; the nuLSQ authors' LCQ, whose code made the comparison
+tables): the STE passes x's gradient straight through the whole compander,
+    dy/dx = 1 for |x| < alpha, 0 outside;
+    dy/dalpha = (y - x) / alpha inside (sign(x) g^-1(q) - x / alpha), sign(x) outside;
+`grad: compander`: the STE replaces only the rounding (dq_L/du = 1) and everything else is
+differentiated as written,
+    dy/dx = gamma_k(v) / gamma_j(q) inside the clip range (closed), 0 outside;
+    dy/dalpha = g^-1(q) - v gamma_k / gamma_j inside, sign(x) outside.
+The two agree at theta~ = 0. In both, dy/dtheta~ goes through g and g^-1 with the STE on the
+rounding (the authors' code computes exactly these gamma and beta gradients; outside the clip
+range it is 0, as g(1) = 1 for every theta). With `grad_scale: authors` the gradients of alpha and
+of theta~ are both scaled by sqrt(Qp / N), as the authors scale alpha, gamma and beta.
+
+Speed: K = 16 intervals, so the compander is a 16-entry table. The forward takes the interval from
+v K (no search), L g(v) = a_k v K + b_k from one 16-entry table, and the output from the
+(L + 1)-entry table alpha g^-1(j / L); it keeps x / alpha, y and one int32 index (interval, level,
+scatter lane) per element, no int64 tensor. The backward is elementwise code, one dot product for
+alpha (two under `grad: compander`) and two scatter sums into the K (L + 1) cells, from which
+table arithmetic gives the gradients of gamma and beta. No host syncs, no Python loop over elements.
 
 Weights pass through LCQ's limited weight normalisation first (`weight_norm: lwn`): the quantizer
 sees (w - mean) / std and its output is multiplied by std. The clips start at 3.0 (weights, in
@@ -27,7 +41,8 @@ units of std) and 8.0 (activations), supplement Appendix C-III.
 2-bit weights: LCQ's comparison uses a plain symmetric ternary quantizer {-s, 0, s} with a
 learnable s (supplement C-III): kind "ternary", or kind "lcq" with `ternary_at_2bit` set, so one
 config serves every bit width. Its STE is "clipped" ("LCQ type": dy/dx = 0 for |x| > s) or
-"unclipped" ("APoT type": dy/dx = 1 everywhere); ds follows APoT's RCF (`clip_project`).
+"unclipped" ("APoT type": dy/dx = 1 everywhere); ds follows APoT's RCF (`clip_project`), which is
+also what the authors' ternary op computes.
 """
 
 from __future__ import annotations
@@ -35,31 +50,179 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from nulsq.errors import UserError
+from nulsq.quant import functional as F
 from nulsq.quant.base import QUANTIZERS
-from nulsq.quant.rivals.apot import STE_MODES, clip_project
-from nulsq.quant.rivals.pact import ClipQuantizer, mirror
+from nulsq.quant.rivals.clip_base import (
+    STE_MODES,
+    ClipQuantizer,
+    clip_project,
+    mask_grad,
+    mirror,
+    scale_grad,
+)
 
 TERNARY_MAGNITUDES = torch.tensor([0.0, 1.0])
+GRAD_MODES = ("authors", "compander")
 
 
-def compander_knots(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compander_knots(theta: Tensor) -> tuple[Tensor, Tensor]:
     """(slopes gamma_k, offsets beta_k) of the compressor for companding parameters theta~."""
     widths = torch.softmax(theta, dim=0)
     return widths * theta.numel(), torch.cumsum(widths, 0) - widths
 
 
-def expand(u: torch.Tensor, slopes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def expand(u: Tensor, slopes: Tensor, offsets: Tensor) -> Tensor:
     """g^-1(u) for u in [0, 1]: the interval j is chosen by u's value, not differentiated."""
     j = torch.bucketize(u.detach(), offsets[1:].detach().to(u.dtype), right=True)
     return (u - offsets[j]) / slopes[j] + j.to(u.dtype) / slopes.numel()
 
 
-def compand_quantize(
-    x: torch.Tensor, alpha: torch.Tensor, theta: torch.Tensor, steps: int, signed: bool
-) -> torch.Tensor:
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _gather(table: Tensor, index: Tensor) -> Tensor:
+    """table[index] for a contiguous int32 index of any shape (index_select: no int64 copy)."""
+    return table.index_select(0, index.reshape(-1)).view(index.shape)
+
+
+class _OutputTable:
+    """The compander's (L + 1) output levels and what the backward needs of them, from the knots."""
+
+    def __init__(self, slopes: Tensor, offsets: Tensor, steps: int) -> None:
+        k_count = slopes.numel()
+        self.grid = torch.arange(steps + 1, dtype=slopes.dtype, device=slopes.device) / steps
+        self.j = torch.bucketize(self.grid, offsets[1:], right=True)  # output interval of j / L
+        self.gamma_j, self.beta_j = slopes[self.j], offsets[self.j]
+        self.unit_levels = (self.grid - self.beta_j) / self.gamma_j + self.j.to(slopes.dtype) / k_count
+
+
+class _Compand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, slopes: Tensor, offsets: Tensor, steps: int,
+                signed: bool, authors: bool) -> Tensor:
+        cd = _compute_dtype(x)
+        xf = x.detach().to(cd).contiguous()
+        a, sl, off = alpha.detach().to(cd), slopes.detach().to(cd), offsets.detach().to(cd)
+        k_count = sl.numel()
+        t = (xf.abs() if signed else xf) / a
+        # v K with v clamped to [0, 1): its integer part is the interval k, never K (at v = 1
+        # the top interval gives L g(v) = L as well)
+        vk = t.clamp(0.0, _BELOW_ONE[cd]).mul_(k_count)
+        k = vk.to(torch.int32)  # floor: vk >= 0
+        # L g(v) = a_k (v K) + b_k on interval k, rounded: the level q; cell = (k, q) in one int
+        knots = torch.arange(k_count, dtype=cd, device=x.device)
+        intercepts, slopes_vk = (off - sl * knots / k_count) * steps, sl * (steps / k_count)
+        if torch.compiler.is_compiling():  # inductor fuses the gathers (it has no complex codegen)
+            level = torch.addcmul(_gather(intercepts, k), _gather(slopes_vk, k), vk)
+        else:  # eager: both coefficients from one gather of a complex table (b_k + i a_k)
+            coefficients = torch.view_as_real(_gather(torch.complex(intercepts, slopes_vk), k))
+            level = torch.addcmul(coefficients[..., 0], coefficients[..., 1], vk)
+        cell = torch.add(level.round_(), k, alpha=steps + 1).to(torch.int32)
+        out = _OutputTable(sl, off, steps)
+        # eager: the backward reuses these small tables (a traced graph recomputes them)
+        ctx.out = None if torch.compiler.is_compiling() else out
+        y = _gather((out.unit_levels * a).repeat(k_count), cell)  # the level of q, whatever k
+        # cell * LANES + (element index mod LANES): neighbouring elements of one cell (a ReLU's
+        # zeros) then add into different bins, so the backward's scatter sums do not serialise
+        cell = cell.mul_(_LANES).add_(_lanes(cell.numel(), cell.device).view(cell.shape))
+        if signed:
+            y = torch.copysign(y, xf)
+        ctx.save_for_backward(xf, t, y, cell, alpha, slopes, offsets)
+        ctx.steps, ctx.signed, ctx.authors = steps, signed, authors
+        return F._cast(y, x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        xf, t, y, cell, alpha, slopes, offsets = ctx.saved_tensors
+        steps, signed, authors = ctx.steps, ctx.signed, ctx.authors
+        need_alpha, need_knots = ctx.needs_input_grad[1], any(ctx.needs_input_grad[2:4])
+        cd = xf.dtype
+        a, sl = alpha.detach().to(cd), slopes.detach().to(cd)
+        out = ctx.out or _OutputTable(sl, offsets.detach().to(cd), steps)
+        d = dy.to(cd).contiguous()
+        inside = mask_grad(d, t, 0.0, 1.0, (True, not authors))  # dy where |x| < alpha (<=)
+        if authors:
+            dx = inside
+        else:  # gamma_k(v) / gamma_j(q)
+            ratio = (sl[:, None] / out.gamma_j[None, :]).reshape(-1).repeat_interleave(_LANES)
+            dx = inside * _gather(ratio, cell)
+        sums = None
+        if need_knots or (need_alpha and authors):
+            sums = _cell_sums(inside, t, xf if signed else None, cell, sl.numel() * (steps + 1))
+        dalpha = dslopes = doffsets = None
+        if need_alpha:
+            # dy/dalpha = y/alpha - x/alpha [inside]; with dx = dy [inside] (authors), the sum of
+            # dx x / alpha is the sum of dy sign(x) t over the inside: the cells' sums already
+            dy_y = torch.dot(d.reshape(-1), y.reshape(-1)) / a
+            dx_x = sums[1].sum() if authors else torch.dot(dx.reshape(-1), xf.reshape(-1)) / a
+            dalpha = (dy_y - dx_x).reshape(alpha.shape).to(alpha.dtype)
+        if need_knots:
+            dslopes, doffsets = _knot_gradients(*sums, a, sl, out, steps)
+            dslopes, doffsets = dslopes.to(slopes.dtype), doffsets.to(offsets.dtype)
+        return F._cast(dx, dy.dtype), dalpha, dslopes, doffsets, None, None, None
+
+
+# Scatter lanes per cell (see the forward), and the lane of each element for the sizes seen.
+_LANES = 8
+_LANE_CACHE: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _lanes(n: int, device: torch.device) -> Tensor:
+    """(element index mod _LANES) as int32 for n elements; cached per size in eager mode."""
+    key = (n, device)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and key in _LANE_CACHE:
+        return _LANE_CACHE[key]
+    lanes = torch.arange(n, dtype=torch.int32, device=device).bitwise_and_(_LANES - 1)
+    if not compiling:
+        if len(_LANE_CACHE) >= 64:  # a model has a few activation sizes; bound it anyway
+            _LANE_CACHE.clear()
+        _LANE_CACHE[key] = lanes
+    return lanes
+
+
+# the largest value below 1 per compute dtype (v K then stays below K)
+_BELOW_ONE = {torch.float32: 1.0 - 2.0**-24, torch.float64: 1.0 - 2.0**-53}
+
+
+def _cell_sums(inside: Tensor, t: Tensor, x_signed: Tensor | None, cell: Tensor, bins: int
+               ) -> tuple[Tensor, Tensor]:
+    """Per (interval, level) cell: the sums of w = dy sign(x) [inside] and of w t (= w v there).
+    `cell` holds cell * _LANES + lane: the lanes' partial sums are added up at the end."""
+    w = inside if x_signed is None else inside * torch.sign(x_signed)
+    index = cell.reshape(-1)  # int32: index_add_ takes it as is (scatter_add_ would need int64)
+    sum_w = w.new_zeros(bins * _LANES).index_add_(0, index, w.reshape(-1))
+    sum_wv = w.new_zeros(bins * _LANES).index_add_(0, index, (w * t).reshape(-1))
+    return sum_w.view(bins, _LANES).sum(1), sum_wv.view(bins, _LANES).sum(1)
+
+
+def _knot_gradients(sum_w: Tensor, sum_wv: Tensor, a: Tensor, sl: Tensor, out: _OutputTable,
+                    steps: int) -> tuple[Tensor, Tensor]:
+    """dL/dgamma, dL/dbeta from the cells' sums of w = dy sign(x) [inside] and w v.
+
+    Per element, with k its input interval, j its output interval, q = level / L:
+        dy/dgamma_k = sign a (v - k/K) / gamma_j,   dy/dbeta_k = sign a / gamma_j   (through g)
+        dy/dgamma_j = -sign a (q - beta_j) / gamma_j^2,   dy/dbeta_j = -sign a / gamma_j   (g^-1)
+    """
+    k_count, levels = sl.numel(), steps + 1
+    sum_w, sum_wv = sum_w.view(k_count, levels), sum_wv.view(k_count, levels)
+    knots = torch.arange(k_count, dtype=sl.dtype, device=sl.device) / k_count
+    r = 1.0 / out.gamma_j
+    through_g_gamma = (sum_wv - knots[:, None] * sum_w) @ r
+    through_g_beta = sum_w @ r
+    per_level = sum_w.sum(0)
+    inverse_gamma = sl.new_zeros(k_count).index_add_(
+        0, out.j, per_level * (out.grid - out.beta_j) * r * r)
+    inverse_beta = sl.new_zeros(k_count).index_add_(0, out.j, per_level * r)
+    return a * (through_g_gamma - inverse_gamma), a * (through_g_beta - inverse_beta)
+
+
+def compand_quantize(x: Tensor, alpha: Tensor, theta: Tensor, steps: int, signed: bool,
+                     grad: str = "authors") -> Tensor:
     """LCQ's quantizer y = sign(x) alpha g^-1(q_L(g(min(|x|/alpha, 1)))) (module docstring).
 
     Args:
@@ -68,15 +231,10 @@ def compand_quantize(
         theta: the K companding parameters theta~ (softmax -> output interval lengths).
         steps: L, uniform steps of the companded domain [0, 1].
         signed: quantize |x| and restore the sign (True), or clip x to [0, alpha] (False).
+        grad: "authors" (dy/dx = 1 inside, the nuLSQ authors' code) or "compander" (through g).
     """
     slopes, offsets = compander_knots(theta)
-    k_count = theta.numel()
-    v = ((x.abs() if signed else x) / alpha).clamp(0.0, 1.0)
-    k = (v.detach() * k_count).floor().clamp(0, k_count - 1).long()
-    u = slopes[k] * (v - k.to(v.dtype) / k_count) + offsets[k]
-    u = u + (torch.round(u.detach() * steps) / steps - u.detach())  # STE on the rounding only
-    y = alpha * expand(u, slopes, offsets)
-    return torch.sign(x) * y if signed else y
+    return _Compand.apply(x, alpha, slopes, offsets, int(steps), bool(signed), grad == "authors")
 
 
 @QUANTIZERS.register("lcq")
@@ -88,16 +246,23 @@ class LCQQuantizer(ClipQuantizer):
         K: number of equal input intervals of the piecewise-linear compressor (16 in the paper).
         ternary_at_2bit: None, or "clipped" / "unclipped": at 2 bits, a weight quantizer becomes
             the ternary {-alpha, 0, alpha} with that STE (no companding parameters then).
+        grad: "authors" (default: dy/dx = 1 inside the clip range, the nuLSQ authors' code) or
+            "compander" (differentiated through the compander), see the module docstring.
     """
 
     kind = "lcq"
     DEFAULT_CLIP_INIT: ClassVar[dict[str, float | str]] = {"weight": 3.0, "act": 8.0}
     DEFAULT_WEIGHT_NORM: ClassVar[str] = "lwn"
 
-    def __init__(self, *args, K: int = 16, ternary_at_2bit: str | None = None, **kwargs) -> None:
+    def __init__(self, *args, K: int = 16, ternary_at_2bit: str | None = None,
+                 grad: str = "authors", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not (isinstance(K, int) and K >= 1):
             raise UserError(f"quantizer 'lcq' needs a positive integer K, got {K!r}")
+        if grad not in GRAD_MODES:
+            raise UserError(f"unknown lcq grad '{grad}'; valid: {', '.join(GRAD_MODES)}")
+        self.grad = grad
+        self._theta_scale = 1.0
         # A config names the ternary STE once for every bit width; it applies to 2-bit weights only.
         clipped = None if ternary_at_2bit is None else STE_MODES.get(ternary_at_2bit)
         self.ternary_ste = clipped if self.bits == 2 and self.role == "weight" else None
@@ -108,10 +273,16 @@ class LCQQuantizer(ClipQuantizer):
             self.register_parameter("theta", None)
             self.register_buffer("magnitudes", TERNARY_MAGNITUDES.clone(), persistent=False)
 
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        # The authors scale the companding parameters' gradient as alpha's (sqrt(Qp / N)).
+        self._theta_scale = self.grad_scale(x) if self.grad_scale_mode == "authors" else 1.0
+        return super().quantize(x)
+
     def clip_quantize(self, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         if self.theta is None:
             return clip_project(x, alpha, self.magnitudes, True, self.ternary_ste)
-        return compand_quantize(x, alpha, self.theta, self.qp, self.signed)
+        theta = scale_grad(self.theta, self._theta_scale)
+        return compand_quantize(x, alpha, theta, self.qp, self.signed, self.grad)
 
     def unit_levels(self) -> torch.Tensor:
         if self.theta is None:
@@ -121,7 +292,7 @@ class LCQQuantizer(ClipQuantizer):
         return mirror(expand(grid, slopes, offsets), self.signed)
 
     def extra_repr(self) -> str:
-        shape = "ternary" if self.theta is None else f"K={self.theta.numel()}"
+        shape = "ternary" if self.theta is None else f"K={self.theta.numel()}, grad={self.grad}"
         return f"{super().extra_repr()}, {shape}"
 
 

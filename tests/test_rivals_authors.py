@@ -1,5 +1,5 @@
 """The rivals' switches that follow the authors' / official code (issue #12 item 4), on small float64
-cases whose expected gradients are written out from what that code computes (docs/fidelity_rivals.md):
+cases whose expected gradients are written out from what that code computes (docs/fidelity.md, "Rival quantizers"):
 
 - LCQ `grad: authors`: dy/dx = 1 for |x| < alpha, dy/dalpha = (y - x)/alpha inside, sign(x) outside;
   the companding parameters' gradient is the one through the compander in both modes.
@@ -176,7 +176,7 @@ def test_init_reduce_mean_averages_the_batches(kind):
     ("apot", "weight", {"ste": "imagenet"}, "default, authors"),
     ("lqnets", "act", {"ste": "clip"}, "default, identity, top"),
     ("lqnets", "act", {"per_channel": True}, "weights only"),
-    ("pact", "act", {"grad_scale": "paper"}, "authors, lsq, none"),
+    ("pact", "act", {"grad_scale": "paper"}, "none, lsq, authors"),
 ])
 def test_unknown_switch_values_fail_in_one_line(kind, role, args, valid):
     with pytest.raises(UserError) as err:

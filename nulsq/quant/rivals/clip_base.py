@@ -147,7 +147,7 @@ class _ClipProject(torch.autograd.Function):
                 ) -> Tensor:
         u = x / alpha
         p = project(u.clamp(-1.0 if signed else 0.0, 1.0), magnitudes, signed)
-        y = F._cast(p * alpha, x.dtype)
+        y = F.cast(p * alpha, x.dtype)
         ctx.save_for_backward(x, u, alpha, y)
         ctx.signed, ctx.clipped = signed, clipped
         return y

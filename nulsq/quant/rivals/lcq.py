@@ -133,7 +133,7 @@ class _Compand(torch.autograd.Function):
             y = torch.copysign(y, xf)
         ctx.save_for_backward(xf, t, y, cell, alpha, slopes, offsets)
         ctx.steps, ctx.signed, ctx.authors = steps, signed, authors
-        return F._cast(y, x.dtype)
+        return F.cast(y, x.dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -163,7 +163,7 @@ class _Compand(torch.autograd.Function):
         if need_knots:
             dslopes, doffsets = _knot_gradients(*sums, a, sl, out, steps)
             dslopes, doffsets = dslopes.to(slopes.dtype), doffsets.to(offsets.dtype)
-        return F._cast(dx, dy.dtype), dalpha, dslopes, doffsets, None, None, None
+        return F.cast(dx, dy.dtype), dalpha, dslopes, doffsets, None, None, None
 
 
 # Scatter lanes per cell (see the forward), and the lane of each element for the sizes seen.

@@ -206,7 +206,7 @@ class LQNetsQuantizer(Quantizer):
         if not self.per_channel and x.dtype in FAST_DTYPES:
             low = levels[0, :1]
             steps = (levels[0, 1:] - levels[0, :-1]).float().clamp_min(0.0)
-            return F._cast(F.nulsq(x - low, steps).add_(low), x.dtype)
+            return F.cast(F.nulsq(x - low, steps).add_(low), x.dtype)
         rows = self._rows(x)
         return torch.gather(levels, 1, nearest(rows, levels)).view(x.shape)
 

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from nulsq.log.console import attach_run_log, detach
 from nulsq.log.jsonl import JsonlWriter
 from nulsq.log.wandb_run import WandbRun
 
@@ -15,7 +16,8 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class RunLogger:
-    """Writes each event as one line of `<run_dir>/metrics.jsonl` and mirrors it to W&B.
+    """Writes each event as one line of `<run_dir>/metrics.jsonl` and mirrors it to W&B; while it
+    is open, console lines also go to `<run_dir>/train.log` (see console.py).
 
     Args:
         run_dir: the run directory.
@@ -25,6 +27,7 @@ class RunLogger:
     def __init__(self, run_dir: Path, wandb_run: WandbRun | None = None) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self._jsonl = JsonlWriter(self.path)
+        self._log_file = attach_run_log(Path(run_dir))
         self._wandb = wandb_run
         self._last_step = 0
 
@@ -53,6 +56,8 @@ class RunLogger:
             self._wandb.finish(summary)
             self._wandb = None
         self._jsonl.close()
+        detach(self._log_file)
+        self._log_file = None
 
 
 class NullLogger(RunLogger):

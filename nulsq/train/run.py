@@ -7,6 +7,7 @@ Each stage checkpoints every epoch, so `trainer.resume=auto` continues either st
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from nulsq.train.checkpoint import (atomic_torch_save, atomic_write_json, atomic
 from nulsq.train.loop import StageState, StepContext, evaluate, train_epoch
 from nulsq.train.optim import build_optimizers, build_schedulers
 from nulsq.train.runtime import Runtime, resolve_runtime, seed_everything
+
+logger = logging.getLogger(__name__)  # console, train.log and W&B (nulsq/log/console.py)
 
 
 def _run_dir(cfg: DictConfig) -> Path:
@@ -189,10 +192,10 @@ class _Stage:
                 self.log.log("quantizers", {"epoch": metrics["epoch"], **quantizer_snapshot(self.raw_model)},
                              step=s.step_offset + s.step)
             if self.dist.is_main:
-                print(f"[{self.name}] epoch {metrics['epoch']}/{s.epochs}{'' if complete else ' (stopped)'}: "
-                      f"train loss {metrics['train/loss']:.4f} top-1 {metrics['train/top1']:.2f} | "
-                      f"val top-1 {metrics['val/top1']:.2f} top-5 {metrics['val/top5']:.2f} | "
-                      f"{metrics['train/images_per_s']:,.0f} img/s", flush=True)
+                logger.info(f"[{self.name}] epoch {metrics['epoch']}/{s.epochs}{'' if complete else ' (stopped)'}: "
+                         f"train loss {metrics['train/loss']:.4f} top-1 {metrics['train/top1']:.2f} | "
+                         f"val top-1 {metrics['val/top1']:.2f} top-5 {metrics['val/top5']:.2f} | "
+                         f"{metrics['train/images_per_s']:,.0f} img/s")
             self.save()
             last = metrics
             if not complete:
@@ -248,7 +251,7 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
     log = build_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), _meta(cfg),
                        rank=dist.rank, resume_id=ckpt.get("wandb_id") if ckpt else None)
     if dist.is_main:
-        print(f"run directory: {run_dir}", flush=True)
+        logger.info(f"run directory: {run_dir}")
 
     quantized = cfg.quantizer.weight is not None or cfg.quantizer.act is not None
     resume_stage = ckpt["stage"] if ckpt else None
@@ -332,7 +335,7 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
     })
     if dist.is_main:
         atomic_write_json(run_dir / "summary.json", summary)
-        print(_final_line(summary, cfg, stopped), flush=True)
+        logger.info(_final_line(summary, cfg, stopped))
     log.finish(summary)
     return summary
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from nulsq import data as datasets
+from nulsq.code_version import code_version
 from nulsq.config import validate
 from nulsq.errors import UserError
 from nulsq.log import build_logger, quantizer_snapshot
@@ -256,7 +257,7 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
     quantized = cfg.quantizer.weight is not None or cfg.quantizer.act is not None
     resume_stage = ckpt["stage"] if ckpt else None
     summary = {**_meta(cfg), "status": "running", "run_dir": str(run_dir),
-               "runtime": _runtime_meta(runtime, dist)}
+               "runtime": _runtime_meta(runtime, dist), "code": code_version()}
     stages: list[_Stage] = []
     try:
         model, _ = build_model(cfg, bundle.num_classes, quantized=False, verbose=False,

@@ -49,7 +49,7 @@ RowKey = Callable[[dict], str]
 ROW_KEYS: Registry[RowKey] = Registry("table row key")
 
 
-def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
+def config_value(cfg: dict, dotted: str, default: Any = None) -> Any:
     """cfg["a"]["b"] for "a.b", or `default` when any part is missing."""
     node: Any = cfg
     for part in dotted.split("."):
@@ -57,6 +57,9 @@ def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
             return default
         node = node[part]
     return node
+
+
+_get = config_value
 
 
 def _recipe(cfg: dict) -> str:

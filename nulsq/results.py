@@ -44,7 +44,8 @@ EXPERIMENT_DIR = Path(__file__).resolve().parents[1] / "configs" / "experiment"
 NOT_SETTING_KEYS = ("experiment", "trainer.seed", "trainer.output_dir", "trainer.resume",
                     "trainer.device", "trainer.compile", "trainer.channels_last",
                     "trainer.log_interval", "trainer.max_steps", "dataset.root", "dataset.num_workers",
-                    "dataset.download", "model.cache_dir", "init.from_run", "logger", "paths")
+                    "dataset.download", "dataset.eval_batch_size", "model.cache_dir", "init.from_run",
+                    "logger", "paths")
 RowKey = Callable[[dict], str]
 ROW_KEYS: Registry[RowKey] = Registry("table row key")
 
@@ -145,6 +146,7 @@ class RunRecord:
     mtime: float
     setting: str = ""  # setting_id of the run's experiment_setting
     code: str = "unknown"  # code_version.describe of summary["code"]
+    protocol: str = ""  # summary["protocol"] as "key=value, ..." ("" when not recorded)
 
     @property
     def group(self) -> GroupKey:
@@ -211,8 +213,17 @@ def load_run(run_dir: Path) -> tuple[RunRecord | None, str]:
         mtime=(run_dir / "summary.json").stat().st_mtime,
         setting=setting_id(experiment_setting(cfg, summary)),
         code=describe(summary.get("code")),
+        protocol=_protocol_text(summary.get("protocol")),
     )
     return record, ""
+
+
+def _protocol_text(protocol: Any) -> str:
+    if not protocol:
+        return ""
+    if isinstance(protocol, dict):
+        return ", ".join(f"{k}={v}" for k, v in sorted(protocol.items()))
+    return str(protocol)
 
 
 def load_runs(roots: Iterable[Path]) -> tuple[list[RunRecord], Counter]:
@@ -380,8 +391,10 @@ def _where(path: Path) -> str:
 
 def _runs_line(cell: Cell) -> str:
     codes = ", ".join(sorted({r.code for r in cell.runs}))
+    protocols = sorted({r.protocol for r in cell.runs if r.protocol})
+    protocol = f", protocol {'; '.join(protocols)}" if protocols else ""
     runs = ", ".join(f"{_where(r.path)} (seed {r.seed}, {r.top1:.2f})" for r in cell.runs)
-    return f"setting {cell.setting}, code {codes}: {runs}"
+    return f"setting {cell.setting}{protocol}, code {codes}: {runs}"
 
 
 def _provenance(table: str, model: str, names: list[str], bits: list[int], ours: dict, labels: dict

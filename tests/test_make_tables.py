@@ -216,7 +216,7 @@ def test_settings_never_average_and_each_cell_names_its_runs(tmp_path):
     assert len(others) == 2
     assert any("50.00 (n=1)" in line and "code fedcba9+dirty" in line and "lr1_s0" in line
                for line in others)
-    assert any("1.00 (n=1)" in line and "code unknown" in line for line in others)
+    assert any("1.00 (n=1)" in line and "protocol init=fp_eval, code unknown" in line for line in others)
 
 
 def test_smoke_runs_are_skipped(tmp_path):

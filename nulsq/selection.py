@@ -5,7 +5,7 @@ wins, and the final runs train that setting on the full training set with severa
 A sweep's runs are grouped by (experiment, model, method, bits), one selection each, and within a
 group by setting (`nulsq.results.experiment_setting`: the config minus seed and paths). The keys
 whose values differ between a group's settings are what the sweep searched; the winner's values of
-those keys become `configs/hparams/selected_<experiment>_<method>.yaml`, an hparams file that runs
+those keys become `configs/hparams/selected/<experiment>_<method>.yaml`, an hparams file that runs
 the final seeds by itself, and a command line with the same values.
 
 Only runs scored on a held-out part of the training set (`dataset.val_split` > 0) are used: runs
@@ -95,7 +95,8 @@ class Selection:
     @property
     def name(self) -> str:
         experiment, _, method, _ = self.group
-        return f"selected_{experiment}_{method}"
+        # the hparams option (hparams=selected/...): a subfolder, apart from the paper's grids
+        return f"selected/{experiment}_{method}"
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -214,7 +215,8 @@ def winning_overrides(selection: Selection) -> list[str]:
 
 
 def hparams_yaml(selection: Selection, seeds: list[int], source: Path) -> str:
-    """An hparams file (configs/hparams/<name>.yaml) that runs the final seeds of the winner."""
+    """An hparams file (configs/hparams/selected/<experiment>_<method>.yaml) that runs the final
+    seeds of the winner."""
     winner = selection.winner
     assert winner is not None
     experiment, model, method, bits = selection.group

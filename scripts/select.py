@@ -4,7 +4,7 @@
     python scripts/select.py <sweep dir> --seeds 0 1 2 3 4 --hparams-dir configs/hparams
 
 Writes <sweep dir>/selection.md (every setting ranked by mean held-out top-1 over seeds) and, per
-(experiment, method), configs/hparams/selected_<experiment>_<method>.yaml, then prints the command
+(experiment, method), configs/hparams/selected/<experiment>_<method>.yaml, then prints the command
 that trains the winner with the final seeds. All the logic is in nulsq/selection.py.
 """
 
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", type=Path, help="the sweep's folder (searched recursively for runs)")
     parser.add_argument("--hparams-dir", type=Path, default=ROOT / "configs" / "hparams",
-                        help="where selected_<experiment>_<method>.yaml goes (default: configs/hparams)")
+                        help="the hparams folder: writes selected/<experiment>_<method>.yaml there "
+                             "(default: configs/hparams)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                         help="trainer.seed values of the final runs (default: 0 1 2 3 4)")
     parser.add_argument("--out", type=Path, default=None,

@@ -66,7 +66,7 @@ def test_known_winner_table_and_hparams_file(sweep, tmp_path, capsys):
     hparams = tmp_path / "hparams"
     assert load_select().main([str(sweep), "--hparams-dir", str(hparams), "--seeds", "0", "1", "2"]) == 0
     printed = capsys.readouterr().out
-    name = f"selected_{EXPERIMENT}_nulsq_a"
+    name = f"selected/{EXPERIMENT}_nulsq_a"
     assert f"{name}: optim.quant.lr=0.0004: held-out top-1 61.00 over 2 seeds" in printed
     assert (f"final runs: python train.py +experiment={EXPERIMENT} dataset.root=/data/imagenet "
             f"hparams={name}") in printed
@@ -125,7 +125,7 @@ def test_real_sweep_then_select_through_the_cli(tmp_path):
         lr = yaml.safe_load((sweep / job / "config.yaml").read_text())["optim"]["weights"]["lr"]
         scores[lr] = json.loads((sweep / job / "summary.json").read_text())["top1"]
     best = max(scores.values())
-    written = yaml.safe_load((tmp_path / "hp" / "selected_default_nulsq_a.yaml").read_text())
+    written = yaml.safe_load((tmp_path / "hp" / "selected" / "default_nulsq_a.yaml").read_text())
     params = written["hydra"]["sweeper"]["params"]
     assert scores[params["optim.weights.lr"]] == best and params["trainer.seed"] == "0,1,2,3,4"
     assert "final runs: python train.py logger=none dataset=synthetic" in proc.stdout

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -104,10 +105,21 @@ def _errors_to_log_files(fn: Callable[[], dict]) -> dict:
         raise
 
 
-def read_outcome(sweep_dir: Path) -> SweepOutcome:
-    """Each job folder's status under `sweep_dir` (a folder with Hydra's `.hydra/` is a job)."""
+def read_outcome(sweep_dir: Path, since: float = 0.0) -> SweepOutcome:
+    """Each job folder's status under `sweep_dir` (a folder with Hydra's `.hydra/` is a job).
+
+    Args:
+        sweep_dir: the multirun's folder (hydra.sweep.dir).
+        since: ignore job folders whose Hydra config is older (an earlier sweep into the same
+            folder), as a time.time() value.
+    """
     outcome = SweepOutcome(Path(sweep_dir))
     for hydra_dir in sorted(Path(sweep_dir).glob("**/.hydra"), key=lambda p: _job_order(p.parent, sweep_dir)):
+        try:
+            if (hydra_dir / "config.yaml").stat().st_mtime < since:
+                continue
+        except OSError:
+            pass
         job = str(hydra_dir.parent.relative_to(sweep_dir))
         try:
             summary = json.loads((hydra_dir.parent / SUMMARY_FILE).read_text())
@@ -154,9 +166,14 @@ class SweepReport(Callback):  # type: ignore[misc]
     (hydra.callbacks.sweep_report). Printed, not logged: the logging set-up is still the last
     job's, whose train.log must not receive the sweep's line."""
 
+    _started: float = 0.0
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._started = time.time() - 2.0  # file times may be coarser than the clock
+
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         global _LAST
-        _LAST = read_outcome(Path(str(config.hydra.sweep.dir)))
+        _LAST = read_outcome(Path(str(config.hydra.sweep.dir)), since=self._started)
         if _LAST.failed:
             print(f"error: {closing_line(_LAST)}", file=sys.stderr, flush=True)
         else:

@@ -60,6 +60,12 @@ def test_failure_before_the_run_directory_is_recorded_in_the_job_folder(tmp_path
 
 def test_a_sweep_without_failures_exits_zero(tmp_path):
     sweep = tmp_path / "sweep"
+    # a failed job of an earlier sweep into the same folder is not this sweep's
+    stale = sweep / "7"
+    (stale / ".hydra").mkdir(parents=True)
+    (stale / ".hydra" / "config.yaml").write_text("{}")
+    (stale / "summary.json").write_text(json.dumps({"status": "failed", "error": "old"}))
+    os.utime(stale / ".hydra" / "config.yaml", (1_000_000, 1_000_000))
     proc = _cli(*TINY, "hparams=seeds", "trainer.seed=0", "trainer.max_steps=1",
                 f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-3000:]

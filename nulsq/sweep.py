@@ -5,7 +5,7 @@ into a logged line and a run directory whose summary.json says `status: failed` 
 job then returns normally, so Hydra launches the next one (Hydra's own launcher would run the rest
 but then re-raise the first error as a traceback and skip every callback). `SweepReport`, a Hydra
 callback configured in configs/config.yaml, reads each job's summary.json when the sweep ends and
-logs the closing line; train.py then exits with `exit_status()`: 0, or 1 when a job failed.
+prints the closing line; train.py then exits with `exit_status()`: 0, or 1 when a job failed.
 
 Outside a multirun a failure keeps its usual form: one `error: ...` line and exit status 2.
 """
@@ -23,6 +23,7 @@ from typing import Any, Callable
 from nulsq.cli import report_user_errors
 from nulsq.errors import UserError
 from nulsq.log.console import to_log_files
+from nulsq.train.checkpoint import atomic_write_json
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
@@ -62,15 +63,12 @@ def _error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def record_failure(folder: Path, err: BaseException, extra: dict[str, Any] | None = None) -> None:
+def record_failure(folder: Path, err: BaseException) -> None:
     """Write `<folder>/summary.json` with status "failed" and the error, unless the trainer already
     wrote one (it does for failures after the run directory exists, with the run's identity)."""
-    from nulsq.train.checkpoint import atomic_write_json  # here: train.py --help stays torch-free
-
     path = Path(folder) / SUMMARY_FILE
-    if path.is_file():
-        return
-    atomic_write_json(path, {**(extra or {}), "status": "failed", "error": _error_line(err)})
+    if not path.is_file():
+        atomic_write_json(path, {"status": "failed", "error": _error_line(err)})
 
 
 def run_job(fn: Callable[[], dict]) -> dict:

@@ -206,12 +206,18 @@ def base_overrides(selection: Selection) -> list[str]:
             if _key(o) not in dropped and not _key(o).startswith(_NOT_CARRIED)]
 
 
-def winning_overrides(selection: Selection) -> list[str]:
-    """`key=value` for each searched key, at the winner's value."""
+def chosen_values(selection: Selection) -> dict[str, Any]:
+    """The winner's values of the searched keys, without the search protocol's (a sweep over
+    trainer.epochs compares short runs; the final runs train the experiment's own length)."""
     winner = selection.winner
     if winner is None:
-        return []
-    return [f"{k}={override_value(v)}" for k, v in winner.values.items()]
+        return {}
+    return {k: v for k, v in winner.values.items() if k not in SEARCH_PROTOCOL_KEYS}
+
+
+def winning_overrides(selection: Selection) -> list[str]:
+    """`key=value` for each searched key, at the winner's value."""
+    return [f"{k}={override_value(v)}" for k, v in chosen_values(selection).items()]
 
 
 def hparams_yaml(selection: Selection, seeds: list[int], source: Path) -> str:
@@ -220,7 +226,7 @@ def hparams_yaml(selection: Selection, seeds: list[int], source: Path) -> str:
     winner = selection.winner
     assert winner is not None
     experiment, model, method, bits = selection.group
-    params = {k: override_value(v) for k, v in winner.values.items()}
+    params = {k: override_value(v) for k, v in chosen_values(selection).items()}
     params["trainer.seed"] = ",".join(str(s) for s in seeds)
     lines = [
         "# @package _global_",

@@ -19,8 +19,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse  # noqa: E402
 
+from nulsq import selection  # noqa: E402
 from nulsq.cli import report_user_errors  # noqa: E402
-from nulsq.selection import base_overrides, hparams_yaml, load_search_runs, render, select  # noqa: E402
 from nulsq.train.checkpoint import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_selection(sweep_dir: Path, hparams_dir: Path, seeds: list[int], out: Path | None) -> list[str]:
     """Rank, write the table and one hparams file per winner; returns the lines to print."""
-    runs, skipped = load_search_runs(sweep_dir)
-    selections = select(runs)
+    runs, skipped = selection.load_search_runs(sweep_dir)
+    selections = selection.select(runs)
     table = out or sweep_dir / "selection.md"
-    atomic_write_text(table, render(selections, sweep_dir, skipped))
+    atomic_write_text(table, selection.render(selections, sweep_dir, skipped))
     printed = [f"wrote {table}"]
     for sel in selections:
         winner = sel.winner
@@ -39,12 +39,12 @@ def write_selection(sweep_dir: Path, hparams_dir: Path, seeds: list[int], out: P
             printed.append(f"{sel.name}: no eligible setting (see {table})")
             continue
         path = hparams_dir / f"{sel.name}.yaml"
-        atomic_write_text(path, hparams_yaml(sel, seeds, sweep_dir))
-        chosen = " ".join(f"{k}={v}" for k, v in winner.values.items()) or "(the only setting)"
+        atomic_write_text(path, selection.hparams_yaml(sel, seeds, sweep_dir))
+        chosen = " ".join(selection.winning_overrides(sel)) or "(the only setting)"
         printed += [f"{sel.name}: {chosen}: held-out top-1 {winner.mean:.2f} over "
                     f"{len(winner.scores)} seeds; wrote {path}",
                     "  final runs: python train.py "
-                    + " ".join(base_overrides(sel) + [f"hparams={sel.name}"])]
+                    + " ".join(selection.base_overrides(sel) + [f"hparams={sel.name}"])]
     if skipped:
         printed.append("skipped runs: " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
     return printed

@@ -31,7 +31,7 @@ def load_select():
 
 
 def search_job(sweep: Path, num: int, *, lr: float, seed: int, top1: float | None,
-               status: str = "finished", val_split: float = 0.1) -> Path:
+               status: str = "finished", val_split: float = 0.1, epochs: int = 15) -> Path:
     """A job folder as a grid multirun leaves it: resolved config, summary, Hydra's overrides."""
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
@@ -39,11 +39,11 @@ def search_job(sweep: Path, num: int, *, lr: float, seed: int, top1: float | Non
            "dataset": {"name": "imagenet", "root": "/data/imagenet", "val_split": val_split},
            "quantizer": {"name": "nulsq_a", "bits": 2},
            "optim": {"quant": {"name": "adamw", "lr": lr, "weight_decay": 0.0}},
-           "trainer": {"seed": seed, "epochs": 15, "output_dir": None}}
+           "trainer": {"seed": seed, "epochs": epochs, "output_dir": None}}
     (job / "config.yaml").write_text(yaml.safe_dump(cfg))
     (job / "summary.json").write_text(json.dumps({"status": status, "top1": top1}))
     overrides = [f"+experiment={EXPERIMENT}", "hparams=table5_grid", "dataset.root=/data/imagenet",
-                 f"optim.quant.lr={lr}", "dataset.val_split=0.1", "trainer.epochs=15",
+                 f"optim.quant.lr={lr}", "dataset.val_split=0.1", f"trainer.epochs={epochs}",
                  "schedule.warmup_epochs=0.5", f"trainer.seed={seed}"]
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     return job
@@ -101,6 +101,18 @@ def test_refuses_to_select_on_the_evaluation_set(tmp_path):
     assert not (tmp_path / "hp").exists() and not (tmp_path / "final" / "selection.md").exists()
     with pytest.raises(UserError, match="no run directories"):
         load_select().write_selection(tmp_path / "empty", tmp_path / "hp", [0], None)
+
+
+def test_a_searched_run_length_does_not_reach_the_final_runs(tmp_path, capsys):
+    # lr x epochs: the best is lr 4e-4 at 30 epochs; the final runs take the lr, not the length
+    for num, (lr, epochs, top1) in enumerate([(4e-3, 15, 50.0), (4e-4, 15, 55.0), (4e-4, 30, 58.0)]):
+        search_job(tmp_path / "sweep", num, lr=lr, seed=0, top1=top1, epochs=epochs)
+    load_select().main([str(tmp_path / "sweep"), "--hparams-dir", str(tmp_path / "hp")])
+    table = (tmp_path / "sweep" / "selection.md").read_text()
+    assert "| rank | optim.quant.lr | trainer.epochs | top-1 |" in table
+    params = yaml.safe_load((tmp_path / "hp" / "selected" / f"{EXPERIMENT}_nulsq_a.yaml").read_text())
+    assert params["hydra"]["sweeper"]["params"] == {"optim.quant.lr": 0.0004, "trainer.seed": "0,1,2,3,4"}
+    assert "trainer.epochs" not in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -193,10 +193,11 @@ class _Stage:
                 self.log.log("quantizers", {"epoch": metrics["epoch"], **quantizer_snapshot(self.raw_model)},
                              step=s.step_offset + s.step)
             if self.dist.is_main:
-                logger.info(f"[{self.name}] epoch {metrics['epoch']}/{s.epochs}{'' if complete else ' (stopped)'}: "
-                         f"train loss {metrics['train/loss']:.4f} top-1 {metrics['train/top1']:.2f} | "
-                         f"val top-1 {metrics['val/top1']:.2f} top-5 {metrics['val/top5']:.2f} | "
-                         f"{metrics['train/images_per_s']:,.0f} img/s")
+                stopped = "" if complete else " (stopped)"
+                logger.info(f"[{self.name}] epoch {metrics['epoch']}/{s.epochs}{stopped}: "
+                            f"train loss {metrics['train/loss']:.4f} top-1 {metrics['train/top1']:.2f} | "
+                            f"val top-1 {metrics['val/top1']:.2f} top-5 {metrics['val/top5']:.2f} | "
+                            f"{metrics['train/images_per_s']:,.0f} img/s")
             self.save()
             last = metrics
             if not complete:

@@ -58,6 +58,7 @@ def test_failure_before_the_run_directory_is_recorded_in_the_job_folder(tmp_path
     assert failed["status"] == "failed" and "nowhere" in failed["error"]
 
 
+@pytest.mark.slow
 def test_a_sweep_without_failures_exits_zero(tmp_path):
     sweep = tmp_path / "sweep"
     # a failed job of an earlier sweep into the same folder is not this sweep's

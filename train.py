@@ -2,7 +2,7 @@
 
     python train.py                                    # the embedded demo: digits, FP then nuLSQ-A 2-bit
     python train.py +experiment=table5_resnet18_2bit   # one row of a paper table
-    python train.py -m +experiment=X hparams=X_grid    # the paper's grid (Hydra multirun)
+    python train.py +experiment=X hparams=X_grid       # the paper's grid (a multirun by itself)
     torchrun --nproc_per_node=8 train.py +experiment=tableD_preresnet34_3bit
 """
 
@@ -28,9 +28,11 @@ register_schema()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from nulsq.train import run  # after Hydra has parsed, so `--help` stays fast
+    from nulsq.sweep import run_job  # after Hydra has parsed, so `--help` stays fast
+    from nulsq.train import run
 
-    summary = report_user_errors(lambda: run(cfg))
+    # In a multirun a failing job is recorded and the sweep goes on (nulsq/sweep.py).
+    summary = run_job(lambda: run(cfg))
     return summary.get("top1")  # the value a Hydra sweeper optimises
 
 
@@ -42,3 +44,5 @@ if __name__ == "__main__":
     report_user_errors(lambda: preflight_command_line(sys.argv[1:], CONFIG_DIR))
     sys.argv = rank_overrides(sys.argv, os.environ)
     main()
+    if "nulsq.sweep" in sys.modules:  # a multirun whose jobs failed exits 1 after its last line
+        sys.exit(sys.modules["nulsq.sweep"].exit_status())

@@ -195,7 +195,7 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Optional[str] = None  # null = online with an API key, else offline | disabled
+    mode: Optional[str] = None  # online | offline | disabled | null: WANDB_MODE, else auto (wandb_run.py)
     project: str = "nulsq"
     entity: Optional[str] = None
     dir: Optional[str] = None

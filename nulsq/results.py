@@ -5,37 +5,54 @@ A run counts when its folder holds `summary.json` with status "finished" and the
 method (`quantizer.name`), or for the tables whose rows are training recipes (main Table 1,
 supplement Table C) the recipe (see ROW_KEYS), tagged " [bf16, ...]" when the run's summary
 records a protocol off the authors' (nulsq.protocol.protocol_tag), so protocols never average
-together; a tagged row is still compared with its method's published number. Per group: the
-mean ± std (sample std, ddof 1) of the final top-1 over seeds, the best run's final top-1, the
-published number from results/paper.yaml, and the difference (our mean - published). The final
-top-1, not each run's best epoch: choosing the best epoch on the evaluation set is selecting on
-the test set (the authors' code does; see docs/fidelity.md).
+together (a tagged row is still compared with its method's published number); and within a group
+by their setting: everything else that defines the experiment (`experiment_setting`: the resolved
+config minus the seed, paths, labels and how the run was executed, plus the summary's `protocol`),
+so runs of different settings never average. A group with several settings shows the one with the
+most runs (then the newest) and lists the others under the table. Per cell: the mean ± std (sample
+std, ddof 1) of the final top-1 over seeds, the best run's final top-1, the published number from
+results/paper.yaml, and the difference (our mean - published). The final top-1, not each run's best
+epoch: choosing the best epoch on the evaluation set is selection on the test set (the authors'
+code does; see docs/fidelity.md). Under each table, every cell names its setting, the code
+version(s) (git commit, "+dirty" for local edits) and its run folders.
 
-Skipped: unfinished runs, runs without a table (the demo), and search runs (`dataset.val_split`
-> 0), which score a held-out part of the training set, not the paper's evaluation set. Two runs of
-one group with the same seed count once: the newer one.
+Skipped: unfinished runs, runs without a table (the demo), search runs (`dataset.val_split` > 0),
+which score a held-out part of the training set, not the paper's evaluation set, and smoke runs
+(`trainer.max_steps` set, synthetic data, or fewer epochs than the experiment file's). Two runs of
+one setting with the same seed count once: the newer one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import yaml
 
+from nulsq.code_version import describe
 from nulsq.errors import UserError
 from nulsq.protocol import protocol_tag
 from nulsq.rundir import find_run_dirs
 
 GroupKey = tuple[str, str, str, int]  # (table, model, row, bits)
+EXPERIMENT_DIR = Path(__file__).resolve().parents[1] / "configs" / "experiment"
+# Config keys that do not define the experiment: the seed (averaged over), labels, paths, and how
+# the run was executed. Everything else, and the summary's "protocol", tells settings apart.
+NOT_SETTING_KEYS = ("experiment", "trainer.seed", "trainer.output_dir", "trainer.resume",
+                    "trainer.device", "trainer.compile", "trainer.channels_last",
+                    "trainer.log_interval", "trainer.max_steps", "dataset.root", "dataset.num_workers",
+                    "dataset.download", "dataset.eval_batch_size", "model.cache_dir", "init.from_run",
+                    "logger", "paths")
 RowKey = Callable[[dict], str]
 
 
-def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
+def config_value(cfg: dict, dotted: str, default: Any = None) -> Any:
     """cfg["a"]["b"] for "a.b", or `default` when any part is missing."""
     node: Any = cfg
     for part in dotted.split("."):
@@ -43,6 +60,9 @@ def _get(cfg: dict, dotted: str, default: Any = None) -> Any:
             return default
         node = node[part]
     return node
+
+
+_get = config_value
 
 
 def _recipe(cfg: dict) -> str:
@@ -63,6 +83,55 @@ def row_key(table: str, cfg: dict) -> str:
     return str(_get(cfg, "quantizer.name"))
 
 
+def experiment_setting(cfg: dict, summary: dict | None = None) -> dict:
+    """What defines a run's experiment: the resolved config without NOT_SETTING_KEYS, with
+    `model.pretrained` reduced to yes/no (a file path is a location, not a setting), plus the
+    summary's `protocol` (the trainer's resolved init protocol, grad scale, amp) when present."""
+    setting = json.loads(json.dumps(cfg))  # a deep copy of plain data
+    for dotted in NOT_SETTING_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = _get(setting, ".".join(parents)) if parents else setting
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    model = setting.get("model")
+    if isinstance(model, dict) and "pretrained" in model:
+        model["pretrained"] = bool(model["pretrained"])
+    if summary and summary.get("protocol") is not None:
+        setting["protocol"] = summary["protocol"]
+    return setting
+
+
+def setting_id(setting: dict) -> str:
+    """A short, stable fingerprint of `experiment_setting(...)` (8 hex digits)."""
+    return hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+@lru_cache(maxsize=None)
+def experiment_epochs(experiment: str) -> int | None:
+    """trainer.epochs of configs/experiment/<experiment>.yaml, None when it has no such file."""
+    path = EXPERIMENT_DIR / f"{experiment}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    epochs = _get(data, "trainer.epochs")
+    return int(epochs) if isinstance(epochs, int) else None
+
+
+def smoke_reason(cfg: dict, summary: dict) -> str | None:
+    """Why a run is a smoke test rather than a result, or None: a step limit, synthetic data, or
+    fewer epochs than its experiment file trains."""
+    if _get(cfg, "trainer.max_steps") is not None:
+        return "smoke run (trainer.max_steps)"
+    if _get(cfg, "dataset.name") == "synthetic":
+        return "smoke run (synthetic data)"
+    wanted = experiment_epochs(str(cfg.get("experiment")))
+    epochs = _get(cfg, "trainer.epochs")
+    if wanted is not None and isinstance(epochs, int) and epochs < wanted:
+        return "smoke run (fewer epochs than its experiment)"
+    return None
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """One finished table run, reduced to what the tables need."""
@@ -76,6 +145,9 @@ class RunRecord:
     fp_top1: float | None
     path: Path
     mtime: float
+    setting: str = ""  # setting_id of the run's experiment_setting
+    code: str = "unknown"  # code_version.describe of summary["code"]
+    protocol: str = ""  # summary["protocol"] as "key=value, ..." ("" when not recorded)
 
     @property
     def group(self) -> GroupKey:
@@ -84,12 +156,16 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class Cell:
-    """Our result for one group: n runs, mean and sample std of top-1, the best run's top-1."""
+    """Our result for one group and setting: n runs, mean and sample std of top-1, the best run's
+    top-1, and where it came from (its runs, their code versions, the group's other settings)."""
 
     n: int
     mean: float
     std: float | None  # None for a single run
     best: float
+    setting: str = ""
+    runs: tuple[RunRecord, ...] = ()
+    others: tuple["Cell", ...] = ()  # the same group's other settings (not in the table's cell)
 
 
 def load_run(run_dir: Path) -> tuple[RunRecord | None, str]:
@@ -112,6 +188,9 @@ def load_run(run_dir: Path) -> tuple[RunRecord | None, str]:
         return None, "search run (val_split > 0)"
     if summary.get("top1") is None:
         return None, "no top1"
+    smoke = smoke_reason(cfg, summary)
+    if smoke:
+        return None, smoke
     record = RunRecord(
         table=str(table),
         model=str(_get(cfg, "model.name")),
@@ -123,42 +202,59 @@ def load_run(run_dir: Path) -> tuple[RunRecord | None, str]:
         fp_top1=summary.get("fp_top1"),
         path=run_dir,
         mtime=(run_dir / "summary.json").stat().st_mtime,
+        setting=setting_id(experiment_setting(cfg, summary)),
+        code=describe(summary.get("code")),
+        protocol=_protocol_text(summary.get("protocol")),
     )
     return record, ""
 
 
+def _protocol_text(protocol: Any) -> str:
+    if not protocol:
+        return ""
+    if isinstance(protocol, dict):
+        return ", ".join(f"{k}={v}" for k, v in sorted(protocol.items()))
+    return str(protocol)
+
+
 def load_runs(roots: Iterable[Path]) -> tuple[list[RunRecord], Counter]:
-    """The runs that count under `roots` (one per group and seed, the newest), and skip reasons."""
-    newest: dict[tuple[GroupKey, int], RunRecord] = {}
+    """The runs that count under `roots` (one per group, setting and seed, the newest), and skip
+    reasons."""
+    newest: dict[tuple[GroupKey, str, int], RunRecord] = {}
     skipped: Counter = Counter()
     for run_dir in find_run_dirs(roots):
         record, why = load_run(run_dir)
         if record is None:
             skipped[why] += 1
             continue
-        key = (record.group, record.seed)
+        key = (record.group, record.setting, record.seed)
         if key in newest:
             skipped["same seed, older run"] += 1
             if newest[key].mtime >= record.mtime:
                 continue
         newest[key] = record
-    return sorted(newest.values(), key=lambda r: (r.group, r.seed)), skipped
+    return sorted(newest.values(), key=lambda r: (r.group, r.setting, r.seed)), skipped
+
+
+def _cell(runs: list[RunRecord]) -> Cell:
+    values = [r.top1 for r in runs]
+    return Cell(n=len(values), mean=statistics.fmean(values),
+                std=statistics.stdev(values) if len(values) > 1 else None, best=max(values),
+                setting=runs[0].setting, runs=tuple(runs))
 
 
 def aggregate(records: Iterable[RunRecord]) -> dict[GroupKey, Cell]:
-    """Mean, sample std, n and best of final top-1 per (table, model, row, bits)."""
-    values: dict[GroupKey, list[float]] = {}
+    """Mean, sample std, n and best of final top-1 per (table, model, row, bits), over the runs of
+    one setting: the one with the most runs, then the newest; the others ride along in `others`."""
+    by_setting: dict[GroupKey, dict[str, list[RunRecord]]] = {}
     for r in records:
-        values.setdefault(r.group, []).append(r.top1)
-    return {
-        key: Cell(
-            n=len(v),
-            mean=statistics.fmean(v),
-            std=statistics.stdev(v) if len(v) > 1 else None,
-            best=max(v),
-        )
-        for key, v in values.items()
-    }
+        by_setting.setdefault(r.group, {}).setdefault(r.setting, []).append(r)
+    cells = {}
+    for key, settings in by_setting.items():
+        ranked = sorted((_cell(runs) for runs in settings.values()),
+                        key=lambda c: (c.n, max(r.mtime for r in c.runs)), reverse=True)
+        cells[key] = Cell(**{**vars(ranked[0]), "others": tuple(ranked[1:])})
+    return cells
 
 
 def load_paper(path: Path) -> dict[str, dict]:
@@ -275,7 +371,45 @@ def render_table(table: str, paper: dict | None, cells: dict[GroupKey, Cell],
                               format_published(published), format_diff(cell, published)]
             lines.append("| " + " | ".join(cells_row) + " |")
         lines.append("")
+        lines += _provenance(table, model, names, bits, ours, labels)
     return "\n".join(lines)
+
+
+def _where(path: Path) -> str:
+    """A run folder as the reader can open it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _runs_line(cell: Cell) -> str:
+    codes = ", ".join(sorted({r.code for r in cell.runs}))
+    protocols = sorted({r.protocol for r in cell.runs if r.protocol})
+    protocol = f", protocol {'; '.join(protocols)}" if protocols else ""
+    runs = ", ".join(f"{_where(r.path)} (seed {r.seed}, {r.top1:.2f})" for r in cell.runs)
+    return f"setting {cell.setting}{protocol}, code {codes}: {runs}"
+
+
+def _provenance(table: str, model: str, names: list[str], bits: list[int], ours: dict, labels: dict
+                ) -> list[str]:
+    """Under a model's table: each cell's setting, code version(s) and run folders, then the
+    group's other settings, which the cell does not include."""
+    lines = []
+    for name in names:
+        for b in bits:
+            cell = ours.get((table, model, name, b))
+            if cell is None:
+                continue
+            label = f"{labels.get(name, name)}, {b}-bit"
+            lines.append(f"- {label}: {_runs_line(cell)}")
+            for other in cell.others:
+                lines.append(f"  - not in the table, another setting: {format_ours(other)}, "
+                             f"{_runs_line(other)}")
+    if not lines:
+        return []
+    return ["Runs behind each cell (setting = fingerprint of the config without seed and paths; "
+            "code = git commit):", "", *lines, ""]
 
 
 def table_filename(table: str) -> str:

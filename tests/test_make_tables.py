@@ -31,11 +31,13 @@ def load_make_tables():
 def fake_run(root: Path, name: str, *, table: str | None, model: str, method: str, bits: int,
              seed: int, top1: float, status: str = "finished", val_split: float = 0.0,
              fp_top1: float | None = None, from_run: str | None = None, quant_optim: str = "adamw",
-             init: str = "mse", mtime: float | None = None) -> Path:
-    """A run directory as nulsq.train.run leaves it (only the files make_tables reads)."""
+             init: str = "mse", mtime: float | None = None, config: dict | None = None,
+             summary: dict | None = None) -> Path:
+    """A run directory as nulsq.train.run leaves it (only the files make_tables reads); `config`
+    and `summary` are merged into the written files (one level deep)."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    config = {
+    config_data = {
         "experiment": name, "table": table,
         "model": {"name": model}, "dataset": {"name": "x", "val_split": val_split},
         "quantizer": {"name": method, "bits": bits},
@@ -43,11 +45,14 @@ def fake_run(root: Path, name: str, *, table: str | None, model: str, method: st
         "init": {"method": init, "batches": 100, "from_run": from_run},
         "trainer": {"seed": seed},
     }
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    summary = {"status": status, "top1": top1, "best_top1": top1 + 0.3, "seed": seed}
+    for key, value in (config or {}).items():
+        config_data[key] = {**config_data[key], **value} if isinstance(value, dict) else value
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_data))
+    summary_data = {"status": status, "top1": top1, "best_top1": top1 + 0.3, "seed": seed,
+                    **(summary or {})}
     if fp_top1 is not None:
-        summary["fp_top1"] = fp_top1
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+        summary_data["fp_top1"] = fp_top1
+    (run_dir / "summary.json").write_text(json.dumps(summary_data))
     if mtime is not None:
         os.utime(run_dir / "summary.json", (mtime, mtime))
     return run_dir
@@ -180,3 +185,52 @@ def test_paper_file_holds_the_supplement_numbers():
 def test_missing_paper_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="published numbers file not found: .*nope.yaml"):
         load_paper(tmp_path / "nope.yaml")
+
+
+# -- provenance: settings never average, smoke runs stay out, each cell names its runs ------------
+def test_settings_never_average_and_each_cell_names_its_runs(tmp_path):
+    root = tmp_path / "runs"
+    code = {"commit": "0123456789abcdef", "dirty": False}
+    # Table D ResNet-18 LSQ 4-bit: two seeds at lr 0.01 (the cell), one seed at lr 0.1 (listed apart)
+    for seed, top1 in enumerate([71.0, 71.4]):
+        fake_run(root, f"lr01_s{seed}", table="D", model="preresnet18", method="lsq", bits=4,
+                 seed=seed, top1=top1, config={"optim": {"weights": {"name": "sgd", "lr": 0.01}}},
+                 summary={"code": code})
+    fake_run(root, "lr1_s0", table="D", model="preresnet18", method="lsq", bits=4, seed=0, top1=50.0,
+             config={"optim": {"weights": {"name": "sgd", "lr": 0.1}}},
+             summary={"code": {"commit": "fedcba9876543210", "dirty": True}})
+    # same config, another trainer protocol (recorded in summary.json): another setting as well
+    fake_run(root, "proto_s0", table="D", model="preresnet18", method="lsq", bits=4, seed=0, top1=1.0,
+             config={"optim": {"weights": {"name": "sgd", "lr": 0.01}}},
+             summary={"protocol": {"init": "fp_eval"}})
+    records, skipped = load_runs([root])
+    assert len(records) == 4 and not skipped  # seed 0 of three settings: none replaces another
+    load_make_tables().main(["--runs", str(root), "--out", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "tableD.md").read_text()
+    lsq = section_rows(text, "preresnet18")["† LSQ [5]"]
+    assert lsq["4-bit ours"] == "71.20 ± 0.28 (n=2)"  # mean of 71.0 and 71.4, not of all four
+    cell_line = next(line for line in text.splitlines() if line.startswith("- † LSQ [5], 4-bit: "))
+    assert "code 0123456" in cell_line and "lr01_s0 (seed 0, 71.00)" in cell_line
+    assert "lr01_s1 (seed 1, 71.40)" in cell_line and "lr1_s0" not in cell_line
+    others = [line for line in text.splitlines() if line.startswith("  - not in the table")]
+    assert len(others) == 2
+    assert any("50.00 (n=1)" in line and "code fedcba9+dirty" in line and "lr1_s0" in line
+               for line in others)
+    assert any("1.00 (n=1)" in line and "protocol init=fp_eval, code unknown" in line for line in others)
+
+
+def test_smoke_runs_are_skipped(tmp_path):
+    root = tmp_path / "runs"
+    a = {"experiment": "tableA_preresnet20_2bit"}  # its experiment file trains 300 epochs
+    fake_run(root, "full", table="A", model="preresnet20", method="lcq", bits=2, seed=0, top1=90.5,
+             config={**a, "trainer": {"seed": 0, "epochs": 300}})
+    fake_run(root, "short", table="A", model="preresnet20", method="lcq", bits=2, seed=1, top1=10.0,
+             config={**a, "trainer": {"seed": 1, "epochs": 1}})
+    fake_run(root, "steps", table="A", model="preresnet20", method="lcq", bits=2, seed=2, top1=11.0,
+             config={**a, "trainer": {"seed": 2, "epochs": 300, "max_steps": 5}})
+    fake_run(root, "synth", table="A", model="preresnet20", method="lcq", bits=2, seed=0, top1=12.0,
+             config={**a, "trainer": {"seed": 0, "epochs": 300}, "dataset": {"name": "synthetic"}})
+    records, skipped = load_runs([root])
+    assert [r.top1 for r in records] == [90.5]
+    assert skipped == {"smoke run (fewer epochs than its experiment)": 1,
+                       "smoke run (trainer.max_steps)": 1, "smoke run (synthetic data)": 1}

@@ -1,4 +1,5 @@
-"""Run logging: metrics.jsonl always, Weights & Biases optionally (see logger.py)."""
+"""Run logging: metrics.jsonl always, Weights & Biases optionally (see logger.py), and console
+lines through the logging module into train.log (console.py)."""
 
 from nulsq.log.jsonl import read_metrics
 from nulsq.log.logger import METRICS_FILE, NullLogger, RunLogger, build_logger

@@ -8,25 +8,34 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from nulsq.log.jsonl import JsonlWriter
+from nulsq.log.console import attach_run_log, detach
+from nulsq.log.jsonl import JsonlWriter, read_metrics
 from nulsq.log.wandb_run import WandbRun
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class RunLogger:
-    """Writes each event as one line of `<run_dir>/metrics.jsonl` and mirrors it to W&B.
+    """Writes each event as one line of `<run_dir>/metrics.jsonl` and mirrors it to W&B; while it
+    is open, console lines also go to `<run_dir>/train.log` (see console.py).
 
     Args:
         run_dir: the run directory.
         wandb_run: a started W&B run, or None for JSONL only.
     """
 
-    def __init__(self, run_dir: Path, wandb_run: WandbRun | None = None) -> None:
+    def __init__(self, run_dir: Path, wandb_run: WandbRun | None = None, replay: bool = False) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self._jsonl = JsonlWriter(self.path)
+        self._log_file = attach_run_log(Path(run_dir))
         self._wandb = wandb_run
         self._last_step = 0
+        if replay and self._wandb:
+            for record in history_to_replay(read_metrics(self.path)):
+                data = {k: v for k, v in record.items() if k not in ("event", "step", "time")}
+                if not self._wandb.log(record["event"], data, record["step"]):
+                    self._wandb = None
+                    break
 
     @property
     def wandb_id(self) -> str | None:
@@ -53,6 +62,33 @@ class RunLogger:
             self._wandb.finish(summary)
             self._wandb = None
         self._jsonl.close()
+        detach(self._log_file)
+        self._log_file = None
+
+
+def history_to_replay(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events of an earlier attempt of this run that a resumed run continues from: those up to
+    its last checkpoint (the last "epoch" event and the "quantizers" event at the same step), with
+    the events of killed attempts after their last checkpoint dropped (a later attempt re-ran
+    those steps: its events replace them), and without "summary" events.
+
+    Args:
+        records: metrics.jsonl's events, in file order.
+    """
+    kept: list[dict[str, Any]] = []
+    for record in records:
+        if record.get("event") == "summary":
+            continue
+        # A resume went back: the killed attempt's events from that point on were lost work.
+        while kept and (kept[-1]["step"] > record["step"] or (
+                kept[-1]["step"] == record["step"] and kept[-1]["event"] == record["event"])):
+            kept.pop()
+        kept.append(record)
+    last = max((i for i, r in enumerate(kept) if r["event"] == "epoch"), default=-1)
+    end = last + 1
+    while end < len(kept) and kept[end]["event"] == "quantizers" and kept[end]["step"] == kept[last]["step"]:
+        end += 1
+    return kept[:end]
 
 
 class NullLogger(RunLogger):
@@ -98,4 +134,8 @@ def build_logger(
     if rank != 0:
         return NullLogger()
     wandb_run = WandbRun.start(_plain(cfg).get("wandb"), Path(run_dir), run_config, meta, resume_id)
-    return RunLogger(run_dir, wandb_run)
+    # An offline run that resumes gets a new offline folder: it first re-logs the history so far,
+    # so the newest folder alone holds the whole run (one `wandb sync`). An online resume continues
+    # the run on the server and needs no replay.
+    replay = wandb_run is not None and (wandb_run.mode == "offline" or resume_id is None)
+    return RunLogger(run_dir, wandb_run, replay=replay)

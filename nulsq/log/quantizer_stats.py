@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nulsq.quant.base import Quantizer
 from nulsq.module_names import strip_wrappers
+from nulsq.quant.base import Quantizer
 
 
 def _to_lists(tensors: list[torch.Tensor]) -> list[list[float]]:

@@ -2,25 +2,47 @@
 
 `wandb` is imported only when a run actually starts (never with mode "disabled"), and any W&B
 failure turns the mirror off with a warning: metrics.jsonl stays the record, training goes on.
+
+Which mode (`resolve_mode`), first rule that applies:
+1. `logger.wandb.mode` when set (online | offline | disabled);
+2. else the `WANDB_MODE` environment variable (W&B's own; "dryrun" means offline, "run" online);
+3. else online if an API key is configured (WANDB_API_KEY or ~/.netrc) AND the W&B host answers
+   within a few seconds, offline otherwise. A stored key on a compute node without internet thus
+   logs offline, with a warning, instead of hanging in W&B's retries.
+"online" without an API key falls back to offline with a warning. An explicit "online" (config or
+environment) skips the reachability check, for nodes that reach W&B through a proxy.
+
+The run shows: "<stage>/..." epoch curves against "epoch"; step curves (loss, images/s, lrs);
+per quantizer and epoch one histogram of its step sizes and one of its levels (not one curve per
+level: a 4-bit MobileNetV2 would have thousands); a table of every step size at initialisation;
+the console (W&B's capture of stdout, where the logging module writes); run-level summary values
+(final and best top-1, mean images/s) that no step's value overwrites; the job type "search" for
+runs scored on a held-out split (dataset.val_split > 0), else "final".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import netrc
 import os
+import socket
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from nulsq.config import WandbConfig
 from nulsq.errors import UserError
 from nulsq.registry import Registry
 
 log = logging.getLogger(__name__)
 
 MODES = ("online", "offline", "disabled")
-WANDB_KEYS = ("mode", "project", "entity", "dir")
-DEFAULTS: dict[str, Any] = {"mode": None, "project": "nulsq", "entity": None, "dir": None}
+ENV_ALIASES = {"dryrun": "offline", "run": "online"}  # W&B's older names for WANDB_MODE values
+# The schema (nulsq/config.py) is the one place the defaults live.
+DEFAULTS: dict[str, Any] = dataclasses.asdict(WandbConfig())
+WANDB_KEYS = tuple(DEFAULTS)
+PROBE_TIMEOUT_S = 3.0
 # The meta keys that become "key:value" tags; "experiment" becomes the group.
 TAG_KEYS = ("table", "model", "method", "bits", "seed")
 
@@ -43,21 +65,53 @@ def has_api_key() -> bool:
     return bool(entry and entry[2])
 
 
+def _api_host() -> tuple[str, int]:
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+
+
+def host_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """True if a TCP connection to the W&B API host opens within `timeout` seconds."""
+    try:
+        with socket.create_connection(_api_host(), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def resolve_mode(mode: str | None) -> str:
-    """The mode to run W&B in: null = online if a key is configured else offline; online without a
-    key falls back to offline with a warning.
+    """The mode to run W&B in (the rules in the module docstring).
 
     Args:
-        mode: `logger.wandb.mode`: online | offline | disabled | None.
+        mode: `logger.wandb.mode`: online | offline | disabled | None (then WANDB_MODE, then auto).
     """
     if mode is not None and mode not in MODES:
         raise UserError(f"unknown logger.wandb.mode '{mode}'; valid: {', '.join(MODES)}, null (auto)")
+    if mode is None and os.environ.get("WANDB_MODE"):
+        env = os.environ["WANDB_MODE"].strip().lower()
+        mode = ENV_ALIASES.get(env, env)
+        if mode not in MODES:
+            raise UserError(f"unknown WANDB_MODE '{env}'; valid: {', '.join(MODES)} (or unset it)")
     if mode is None:
-        return "online" if has_api_key() else "offline"
+        if not has_api_key():
+            return "offline"
+        if not host_reachable():
+            host = _api_host()[0]
+            log.warning("W&B: an API key is configured but %s cannot be reached from this node; "
+                        "logging offline (set logger.wandb.mode=online or WANDB_MODE=online to skip "
+                        "this check)", host)
+            return "offline"
+        return "online"
     if mode == "online" and not has_api_key():
         log.warning("W&B: no API key (WANDB_API_KEY or ~/.netrc); logging offline instead")
         return "offline"
     return mode
+
+
+def job_type(run_config: dict[str, Any]) -> str:
+    """"search" for a run scored on a held-out split of the training set, else "final"."""
+    val_split = (run_config.get("dataset") or {}).get("val_split") or 0
+    return "search" if float(val_split) > 0 else "final"
 
 
 def wandb_settings(cfg: dict[str, Any] | None) -> dict[str, Any]:
@@ -105,30 +159,34 @@ def _epoch_payload(data: dict[str, Any], wandb: Any) -> dict[str, Any]:
 
 @EVENT_PAYLOADS.register("quantizers")
 def _quantizer_payload(data: dict[str, Any], wandb: Any) -> dict[str, Any]:
-    """A table of per-layer step sizes, histograms of steps and levels, and one scalar per level
-    (other keys, such as the epoch the trainer adds, are already in the epoch event's row)."""
-    table = wandb.Table(columns=["layer", "kind", "role", "bits", "index", "step"])
+    """Per quantizer, one histogram of its step sizes and one of its levels (other keys, such as
+    the epoch the trainer adds, are already in the epoch event's row). The exact values of every
+    epoch are in metrics.jsonl (scripts/plot_levels.py draws them)."""
     out: dict[str, Any] = {}
     for layer, q in data.get("layers", {}).items():
-        for i, step in enumerate(q.get("steps") or []):
-            table.add_data(layer, q["kind"], q["role"], q["bits"], i, step)
         if q.get("steps"):
             out[f"quantizers/{layer}/steps"] = wandb.Histogram(q["steps"])
         if q.get("levels"):
             out[f"quantizers/{layer}/levels"] = wandb.Histogram(q["levels"])
-        # One scalar per level, named by index: nuLSQ and LSQ runs of one layer overlay.
-        for i, level in enumerate(q.get("levels") or []):
-            out[f"levels/{layer}/{i}"] = level
-    out["quantizers/steps_table"] = table
     return out
+
+
+def _steps_table(data: dict[str, Any], wandb: Any) -> Any:
+    table = wandb.Table(columns=["layer", "kind", "role", "bits", "index", "step"])
+    for layer, q in data.get("layers", {}).items():
+        for i, step in enumerate(q.get("steps") or []):
+            table.add_data(layer, q["kind"], q["role"], q["bits"], i, step)
+    return table
 
 
 @EVENT_PAYLOADS.register("init")
 def _init_payload(data: dict[str, Any], wandb: Any) -> dict[str, Any]:
-    """The initialisation note under init/, and the initial levels as the first point of each
-    level curve."""
+    """The initialisation note under init/, the initial histograms, and one table of every
+    initial step size (once per run, not per epoch)."""
     note = flatten({k: v for k, v in data.items() if k != "layers"}, "init/")
-    return {**note, **(_quantizer_payload(data, wandb) if "layers" in data else {})}
+    if "layers" not in data:
+        return note
+    return {**note, **_quantizer_payload(data, wandb), "init/steps_table": _steps_table(data, wandb)}
 
 
 def _payload(event: str, data: dict[str, Any], wandb: Any) -> dict[str, Any]:
@@ -142,12 +200,14 @@ EVENT_AXES = {"epoch": "epoch"}
 
 
 # -- the run -----------------------------------------------------------------------------------------
-def _identity(meta: dict[str, Any]) -> dict[str, Any]:
-    """W&B name, group and tags from the run's meta (experiment, table, model, method, bits, seed)."""
+def _identity(meta: dict[str, Any], run_config: dict[str, Any]) -> dict[str, Any]:
+    """W&B name, group, tags and job type from the run's meta (experiment, table, model, method,
+    bits, seed) and config (the job type)."""
     tags = [f"{k}:{meta[k]}" for k in TAG_KEYS if meta.get(k) is not None]
     parts = [str(meta[k]) for k in ("model", "method", "bits", "seed") if meta.get(k) is not None]
     name = meta.get("name") or "-".join(parts) or None
-    return {"name": name, "group": meta.get("experiment"), "tags": tags}
+    return {"name": name, "group": meta.get("experiment"), "tags": tags,
+            "job_type": job_type(run_config)}
 
 
 class WandbRun:
@@ -203,8 +263,9 @@ class WandbRun:
                 config=run_config,
                 id=resume_id,
                 resume="allow" if resume_id else None,
-                settings=wandb.Settings(silent=True, console="off"),
-                **_identity(meta),
+                # "wrap": W&B keeps what reaches stdout/stderr, i.e. the logging module's lines
+                settings=wandb.Settings(silent=True, console="wrap"),
+                **_identity(meta, run_config),
             )
             for axis in set(EVENT_AXES.values()):
                 run.define_metric(axis)
@@ -238,8 +299,12 @@ class WandbRun:
         return True
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Write the summary, close the run, and for offline runs print how to upload it."""
+        """Write the summary, close the run, and for offline runs say how to upload it."""
         try:
+            if self._last_step >= 0:
+                # Commit the last history row first: committed later (by finish), its values
+                # would replace the run-level ones (images_per_s of the last step, not the mean).
+                self.run.log({}, step=self._last_step, commit=True)
             self.run.summary.update(flatten(summary))
             sync_dir = Path(self.run.dir).parent  # <dir>/wandb/offline-run-*/files -> the run
             self.run.finish()
@@ -247,7 +312,8 @@ class WandbRun:
             log.warning("W&B finish failed (%s); metrics.jsonl is complete", _one_line(err))
             return
         if self.mode == "offline":
-            print(f"W&B offline run saved; upload it with: wandb sync {sync_dir}", flush=True)
+            log.info("W&B offline run saved (the whole history, resumes included); upload it with: "
+                     "wandb sync %s", sync_dir)
 
 
 def _one_line(err: BaseException) -> str:

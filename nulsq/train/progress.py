@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
+
+log = logging.getLogger(__name__)
 
 
 def format_seconds(seconds: float) -> str:
@@ -13,7 +16,7 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """Prints one line per log interval on the main rank; ETA from the stage's mean step time."""
+    """Logs one line per log interval on the main rank; ETA from the stage's mean step time."""
 
     def __init__(self, state, enabled: bool) -> None:
         self.state = state
@@ -29,8 +32,7 @@ class Progress:
         per_step = (time.perf_counter() - self.t0) / max(done, 1)
         eta = per_step * (s.total_steps - s.step)
         lr_text = " ".join(f"{k[3:]} {v:.3g}" for k, v in lrs.items())
-        print(
+        log.info(
             f"[{s.stage}] epoch {s.epoch + 1}/{s.epochs} step {s.steps_into_epoch}/{s.steps_per_epoch} "
-            f"loss {loss:.4f} lr {lr_text} | {images_per_s:,.0f} img/s | ETA {format_seconds(eta)}",
-            flush=True,
+            f"loss {loss:.4f} lr {lr_text} | {images_per_s:,.0f} img/s | ETA {format_seconds(eta)}"
         )

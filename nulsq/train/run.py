@@ -11,6 +11,7 @@ Each stage checkpoints every epoch, so `trainer.resume=auto` continues either st
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from nulsq import data as datasets
+from nulsq.code_version import code_version
 from nulsq.config import validate
 from nulsq.errors import UserError
 from nulsq.log import build_logger, quantizer_snapshot
@@ -43,6 +45,8 @@ from nulsq.train.loop import StageState, StepContext, evaluate, train_epoch
 from nulsq.train.plan import StagePlan, build_stage_optim, is_quantized
 from nulsq.train.preflight import preflight
 from nulsq.train.runtime import Runtime, resolve_runtime, seed_everything
+
+logger = logging.getLogger(__name__)  # console, train.log and W&B (nulsq/log/console.py)
 
 
 def _run_dir(cfg: DictConfig) -> tuple[Path, str]:
@@ -198,10 +202,11 @@ class _Stage:
                 self.log.log("quantizers", {"epoch": metrics["epoch"], **quantizer_snapshot(self.raw_model)},
                              step=s.step_offset + s.step)
             if self.dist.is_main:
-                print(f"[{self.name}] epoch {metrics['epoch']}/{s.epochs}{'' if complete else ' (stopped)'}: "
-                      f"train loss {metrics['train/loss']:.4f} top-1 {metrics['train/top1']:.2f} | "
-                      f"val top-1 {metrics['val/top1']:.2f} top-5 {metrics['val/top5']:.2f} | "
-                      f"{metrics['train/images_per_s']:,.0f} img/s", flush=True)
+                stopped = "" if complete else " (stopped)"
+                logger.info(f"[{self.name}] epoch {metrics['epoch']}/{s.epochs}{stopped}: "
+                            f"train loss {metrics['train/loss']:.4f} top-1 {metrics['train/top1']:.2f} | "
+                            f"val top-1 {metrics['val/top1']:.2f} top-5 {metrics['val/top5']:.2f} | "
+                            f"{metrics['train/images_per_s']:,.0f} img/s")
             self.save()
             last = metrics
             if not complete:
@@ -230,7 +235,7 @@ def run(cfg: DictConfig) -> dict:
         ctx, ckpt = _setup(cfg, dist)
         summary = {**_meta(cfg), "status": "running", "run_dir": str(ctx.run_dir),
                    "runtime": _runtime_meta(ctx.runtime, dist),
-                   "protocol": run_protocol(cfg, ctx.runtime.amp)}
+                   "protocol": run_protocol(cfg, ctx.runtime.amp), "code": code_version()}
         try:
             model = _setup_model(ctx, ckpt)
             stages, last = _train(plan, model, ctx, ckpt, summary)
@@ -272,7 +277,7 @@ def _setup(cfg: DictConfig, dist: D.DistInfo) -> tuple[RunContext, dict | None]:
     log = build_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
                        _meta(cfg), rank=dist.rank, resume_id=ckpt.get("wandb_id") if ckpt else None)
     if dist.is_main:
-        print(f"run directory: {run_dir}", flush=True)
+        logger.info(f"run directory: {run_dir}")
     return RunContext(cfg, runtime, dist, run_dir, fingerprint, bundle, log), ckpt
 
 
@@ -375,7 +380,7 @@ def _finish(ctx: RunContext, stages: list[_Stage], last: dict, summary: dict, t_
     })
     if ctx.dist.is_main:
         atomic_write_json(ctx.run_dir / "summary.json", summary)
-        print(_final_line(summary, cfg, stopped), flush=True)
+        logger.info(_final_line(summary, cfg, stopped))
     ctx.log.finish(summary)
     return summary
 

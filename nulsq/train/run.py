@@ -18,6 +18,7 @@ from nulsq import data as datasets
 from nulsq.config import validate
 from nulsq.errors import UserError
 from nulsq.log import build_logger, quantizer_snapshot
+from nulsq.log.histograms import eval_histograms
 from nulsq.quant import initialize_quantizers, kernels
 from nulsq.quant.from_run import load_progressive, resolve_run_checkpoint
 from nulsq.train import distributed as D
@@ -186,8 +187,9 @@ class _Stage:
                 s.epoch += 1
             self.log.log("epoch", metrics, step=s.step_offset + s.step)
             if self.name == "qat":
-                self.log.log("quantizers", {"epoch": metrics["epoch"], **quantizer_snapshot(self.raw_model)},
-                             step=s.step_offset + s.step)
+                self.log.log("quantizers", {"epoch": metrics["epoch"], **quantizer_snapshot(self.raw_model),
+                                            **eval_histograms(self.raw_model, self.bundle.val, self.runtime,
+                                                              self.dist)}, step=s.step_offset + s.step)
             if self.dist.is_main:
                 print(f"[{self.name}] epoch {metrics['epoch']}/{s.epochs}{'' if complete else ' (stopped)'}: "
                       f"train loss {metrics['train/loss']:.4f} top-1 {metrics['train/top1']:.2f} | "

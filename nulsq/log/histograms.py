@@ -1,0 +1,155 @@
+"""What each quantizer sees at evaluation time, as a small fixed-bin histogram per quantizer.
+
+Logged with every QAT epoch's "quantizers" event (key "histograms"), so that
+scripts/plot_levels.py draws the learned levels over the distribution they quantize without the
+model or the dataset. Per quantizer (activations: the layer input; weights: the weight tensor):
+
+    {"role", "range": [lo, hi], "counts": [HISTOGRAM_BINS ints], "below": int, "above": int,
+     "batches": int, "thresholds": [float] | None}
+
+The range is fixed on the first batch (its finite minimum and maximum, widened to contain every
+level), so the batches add up bin by bin on the device and one transfer at the end brings all
+histograms to the host. Values of later batches outside the range are counted in "below" and
+"above". A weight is the same tensor in every batch of an evaluation, so it is counted once.
+
+"thresholds" are the quantizer's decision thresholds in its input's units where they follow from
+its levels: the midpoints between adjacent levels for the quantizers that round their (not
+normalised) input to the nearest level. None otherwise: LCQ rounds in a companded domain,
+DoReFa weights pass through tanh, APoT/LCQ/ternary weights are standardised first, and dynamic max
+has no fixed levels.
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from nulsq.module_names import strip_wrappers
+from nulsq.quant.base import Quantizer
+
+HISTOGRAM_BINS = 64
+HISTOGRAM_BATCHES = 4  # validation batches per evaluation: enough for a smooth histogram, cheap
+NEAREST_LEVEL_KINDS = frozenset({"lsq", "nulsq", "lqnets", "pact", "apot", "ternary", "dorefa"})
+
+
+def decision_thresholds(q: Quantizer) -> list[float] | None:
+    """Midpoints between adjacent levels of a nearest-level quantizer of its raw input, else None."""
+    if q.kind not in NEAREST_LEVEL_KINDS or getattr(q, "weight_norm", "none") != "none":
+        return None
+    if q.kind == "dorefa" and q.role == "weight":  # tanh-normalised input
+        return None
+    levels = q.levels().detach().float().cpu()
+    if levels.numel() < 2:
+        return None
+    return ((levels[1:] + levels[:-1]) / 2).tolist()
+
+
+class _Histogram:
+    """One quantizer's running histogram, kept on the input's device."""
+
+    def __init__(self, x: torch.Tensor, levels: torch.Tensor, bins: int) -> None:
+        finite = x[torch.isfinite(x)]
+        lo, hi = (torch.stack([finite.min(), finite.max()]).tolist() if finite.numel() else (0.0, 1.0))
+        if levels.numel():
+            lo, hi = min(lo, float(levels.min())), max(hi, float(levels.max()))
+        if hi <= lo:  # a constant input: a unit-wide range around it
+            lo, hi = lo - 0.5, hi + 0.5
+        self.lo, self.hi, self.bins = lo, hi, bins
+        self.counts = torch.zeros(bins, device=x.device)
+        self.outside = torch.zeros(2, device=x.device)  # below, above
+        self.batches = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.counts += torch.histc(x, self.bins, self.lo, self.hi)
+        self.outside += torch.stack([(x < self.lo).sum(), (x > self.hi).sum()]).float()
+        self.batches += 1
+
+
+def record_histograms(model: nn.Module, batches: Iterable[torch.Tensor], bins: int = HISTOGRAM_BINS,
+                      autocast=None) -> dict[str, Any]:
+    """Run `batches` through `model` (no_grad) and histogram what every Quantizer receives.
+
+    Args:
+        model: the quantized network, unwrapped (forward pre-hooks go on its quantizers); it is run
+            in eval mode and put back in the mode it was in.
+        batches: input images, each run through `model` once.
+        bins: bins per histogram.
+        autocast: a context-manager factory the forward runs under (the trainer's mixed precision),
+            so the quantizers see what evaluation feeds them; None for none.
+
+    Returns:
+        {"histograms": {quantizer name: record (module docstring)}}, in module order.
+    """
+    quantizers = [(strip_wrappers(n), m) for n, m in model.named_modules() if isinstance(m, Quantizer)]
+    running: dict[str, _Histogram] = {}
+
+    def hook_for(name: str, q: Quantizer):
+        def record(module: nn.Module, args: tuple) -> None:
+            if q.role == "weight" and name in running:
+                return  # the same weight in every batch: counted once
+            x = args[0].detach().reshape(-1).float()
+            if name not in running:
+                running[name] = _Histogram(x, q.levels().detach().float(), bins)
+            running[name].add(x)
+
+        return record
+
+    handles = [q.register_forward_pre_hook(hook_for(name, q)) for name, q in quantizers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for images in batches:
+                if autocast is None:
+                    model(images)
+                else:
+                    with autocast():
+                        model(images)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    names = [name for name, _ in quantizers if name in running]
+    if not names:
+        return {"histograms": {}}
+    # One host transfer per device for all histograms, not two per quantizer.
+    flat = torch.cat([torch.cat([running[n].counts, running[n].outside]).cpu() for n in names]).tolist()
+    out: dict[str, Any] = {}
+    by_name = dict(quantizers)
+    for i, name in enumerate(names):
+        h = running[name]
+        values = [int(round(v)) for v in flat[i * (bins + 2) : (i + 1) * (bins + 2)]]
+        out[name] = {
+            "role": by_name[name].role,
+            "range": [h.lo, h.hi],
+            "counts": values[:bins],
+            "below": values[bins],
+            "above": values[bins + 1],
+            "batches": h.batches,
+            "thresholds": decision_thresholds(by_name[name]),
+        }
+    return {"histograms": out}
+
+
+def eval_histograms(model: nn.Module, loader, runtime=None, dist=None,
+                    batches: int = HISTOGRAM_BATCHES) -> dict[str, Any]:
+    """`record_histograms` over the first `batches` batches of the validation `loader`.
+
+    The trainer calls it when it logs the "quantizers" event of a QAT epoch, on the unwrapped
+    model (no DDP, no torch.compile: hooks on a compiled graph would recompile it every epoch).
+    Only rank 0 logs, so the other ranks skip the work and return {}.
+
+    Args:
+        model: the unwrapped quantized network.
+        loader: yields (images, labels) already on the model's device.
+        runtime: the trainer's Runtime (its `autocast`), or None.
+        dist: the trainer's DistInfo, or None (one process).
+        batches: how many batches to histogram.
+    """
+    if dist is not None and not dist.is_main:
+        return {}
+    images = (x for x, _ in islice(loader, batches))
+    return record_histograms(model, images, autocast=None if runtime is None else runtime.autocast)

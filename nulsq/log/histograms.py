@@ -67,6 +67,21 @@ class _Histogram:
         self.outside += torch.stack([(x < self.lo).sum(), (x > self.hi).sum()]).float()
         self.batches += 1
 
+    def record(self, host: list[float]) -> dict[str, Any]:
+        """The JSON record, from `host`: counts then below, above, already on the host."""
+        values = [int(round(v)) for v in host]
+        return {"range": [self.lo, self.hi], "counts": values[: self.bins], "below": values[self.bins],
+                "above": values[self.bins + 1], "batches": self.batches}
+
+
+def tensor_histogram(x: torch.Tensor, levels: torch.Tensor | None = None,
+                     bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
+    """The histogram record (range, counts, below, above, batches) of one tensor of values."""
+    x = x.detach().reshape(-1).float()
+    h = _Histogram(x, torch.empty(0) if levels is None else levels.detach().float().cpu(), bins)
+    h.add(x)
+    return h.record(torch.cat([h.counts, h.outside]).tolist())
+
 
 def record_histograms(model: nn.Module, batches: Iterable[torch.Tensor], bins: int = HISTOGRAM_BINS,
                       autocast=None) -> dict[str, Any]:
@@ -120,17 +135,9 @@ def record_histograms(model: nn.Module, batches: Iterable[torch.Tensor], bins: i
     out: dict[str, Any] = {}
     by_name = dict(quantizers)
     for i, name in enumerate(names):
-        h = running[name]
-        values = [int(round(v)) for v in flat[i * (bins + 2) : (i + 1) * (bins + 2)]]
-        out[name] = {
-            "role": by_name[name].role,
-            "range": [h.lo, h.hi],
-            "counts": values[:bins],
-            "below": values[bins],
-            "above": values[bins + 1],
-            "batches": h.batches,
-            "thresholds": decision_thresholds(by_name[name]),
-        }
+        q = by_name[name]
+        out[name] = {"role": q.role, **running[name].record(flat[i * (bins + 2) : (i + 1) * (bins + 2)]),
+                     "thresholds": decision_thresholds(q)}
     return {"histograms": out}
 
 

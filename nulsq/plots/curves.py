@@ -133,7 +133,8 @@ def curves_figure(run_dirs: list[Path], group_by: list[str] | None = None, band:
             len(PANELS), len(stages), figsize=(3.2 + 3.3 * len(stages), 3.0 * len(PANELS)),
             squeeze=False, sharex="col",
             gridspec_kw={"width_ratios": [0.6, 1.0] if show_fp else [1.0]})
-        axes = {(key, stage): axes[i][j] for i, (key, _) in enumerate(PANELS) for j, stage in enumerate(stages)}
+        axes = {(key, stage): axes[i][j]
+                for i, (key, _) in enumerate(PANELS) for j, stage in enumerate(stages)}
         handles, labels = [], []
         for index, group in enumerate(groups):
             color = f"C{index % 10}"

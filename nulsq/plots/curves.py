@@ -105,11 +105,14 @@ def _main_stage(group: Group) -> str:
     return "fp"
 
 
-def _draw(ax, pooled: Pooled, color: str, label: str | None) -> None:
+def _draw(ax, pooled: Pooled, color: str) -> None:
+    """The mean line (markers while the epochs are few enough to tell apart) and, over several
+    runs, the band."""
     marker = "o" if len(pooled.epochs) <= 30 else None
-    ax.plot(pooled.epochs, pooled.mean, color=color, marker=marker, markersize=3, label=label)
+    ax.plot(pooled.epochs, pooled.mean, color=color, marker=marker, markersize=3, gid="mean")
     if max(pooled.n, default=1) > 1:
-        ax.fill_between(pooled.epochs, pooled.low, pooled.high, color=color, alpha=0.2, linewidth=0)
+        ax.fill_between(pooled.epochs, pooled.low, pooled.high, color=color, alpha=0.2, linewidth=0,
+                        gid="band")
 
 
 def curves_figure(run_dirs: list[Path], group_by: list[str] | None = None, band: str = "std",
@@ -148,7 +151,7 @@ def curves_figure(run_dirs: list[Path], group_by: list[str] | None = None, band:
                     source = main if stage == "qat" else ("fp" if main == "qat" else None)
                     curves = [c[source] for c in per_run if source in c]
                     if curves:
-                        _draw(axes[(key, stage)], pool(curves, band), color, None)
+                        _draw(axes[(key, stage)], pool(curves, band), color)
             line = plt.Line2D([], [], color=color, marker="o", markersize=3)
             handles.append(line)
             labels.append(label)

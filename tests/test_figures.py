@@ -274,6 +274,13 @@ def test_eval_histograms_reads_a_few_batches_and_only_on_rank_zero() -> None:
     assert served == []
     out = eval_histograms(TwoLayers(), loader(), batches=3)
     assert served == [0, 1, 2] and out["histograms"]["fc.act_quant"]["batches"] == 3
+    # Iterating a torch DataLoader draws from the global generator; the recording puts it back.
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(8, 5), torch.zeros(8)),
+                                       batch_size=4)
+    model = TwoLayers()
+    before = torch.get_rng_state()
+    eval_histograms(model, data, batches=1)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.slow

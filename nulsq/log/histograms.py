@@ -158,5 +158,11 @@ def eval_histograms(model: nn.Module, loader, runtime=None, dist=None,
     """
     if dist is not None and not dist.is_main:
         return {}
-    images = (x for x, _ in islice(loader, batches))
-    return record_histograms(model, images, autocast=None if runtime is None else runtime.autocast)
+    # A torch DataLoader draws its workers' base seed from the global CPU generator when iterated:
+    # put it back, so that recording a histogram never changes what the training does next.
+    rng = torch.get_rng_state()
+    try:
+        images = (x for x, _ in islice(loader, batches))
+        return record_histograms(model, images, autocast=None if runtime is None else runtime.autocast)
+    finally:
+        torch.set_rng_state(rng)

@@ -36,7 +36,10 @@ from nulsq.plots.runs import group_runs, load_run
 from nulsq.plots.style import MIN_FONT_PT, output_path
 from nulsq.quant.quantizers import LSQQuantizer, NuLSQQuantizer
 from nulsq.quant.rivals.apot import APoTQuantizer
+from nulsq.quant.rivals.dorefa import DoReFaQuantizer
 from nulsq.quant.rivals.lcq import LCQQuantizer
+from nulsq.quant.rivals.lqnets import LQNetsQuantizer
+from nulsq.quant.rivals.pact import PACTQuantizer
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -260,6 +263,29 @@ def test_decision_thresholds_only_where_they_are_midpoints() -> None:
     apot_act = APoTQuantizer(bits=2, signed=False, role="act", clip_init=2.0)
     levels = apot_act.levels().double().numpy()
     np.testing.assert_allclose(decision_thresholds(apot_act), (levels[1:] + levels[:-1]) / 2, rtol=1e-6)
+
+
+def test_thresholds_are_where_the_quantizer_switches_levels() -> None:
+    """Just below each drawn threshold a quantizer outputs the lower level, just above the upper."""
+    nulsq = NuLSQQuantizer(bits=3, signed=True, role="weight")
+    with torch.no_grad():
+        nulsq.pos_steps.copy_(torch.tensor([0.1, 0.3, 0.2]))
+        nulsq.neg_steps.copy_(torch.tensor([0.2, 0.1, 0.4, 0.3]))
+    quantizers = [LSQQuantizer(bits=2, signed=True, role="weight"), nulsq,
+                  PACTQuantizer(bits=2, signed=False, role="act", clip_init=2.0),
+                  APoTQuantizer(bits=3, signed=False, role="act", clip_init=1.5),
+                  LQNetsQuantizer(bits=2, signed=False, role="act"),
+                  DoReFaQuantizer(bits=2, signed=False, role="act")]
+    for q in quantizers:
+        q.eval()
+        levels = q.levels().double()
+        thresholds = torch.tensor(decision_thresholds(q), dtype=torch.float64)
+        assert thresholds.numel() == levels.numel() - 1, q.kind
+        with torch.no_grad():
+            below = q.quantize((thresholds - 1e-4).float()).double()
+            above = q.quantize((thresholds + 1e-4).float()).double()
+        torch.testing.assert_close(below, levels[:-1], atol=1e-6, rtol=0, msg=q.kind)
+        torch.testing.assert_close(above, levels[1:], atol=1e-6, rtol=0, msg=q.kind)
 
 
 def test_eval_histograms_reads_a_few_batches_and_only_on_rank_zero() -> None:

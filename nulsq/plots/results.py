@@ -17,9 +17,9 @@ from typing import Any, Mapping
 
 import matplotlib.pyplot as plt
 
+import nulsq.results as tables  # a module, not names: nulsq.results may import this module
 from nulsq.errors import UserError
 from nulsq.plots.style import figure_style, output_path, save_figure
-from nulsq.results import _ordered, published_mean
 
 OURS_COLOR, PAPER_COLOR = "C0", "C3"
 
@@ -62,13 +62,13 @@ def table_rows(table: str, paper_table: Mapping[str, Any] | None,
     ours = {k: c for k, c in cells.items() if k[0] == table}
     bits = sorted(set(paper_table.get("bits") or []) | {k[3] for k in ours})
     out = []
-    for model in _ordered(rows, (k[1] for k in ours)):
+    for model in tables._ordered(rows, (k[1] for k in ours)):
         model_rows = rows.get(model) or {}
-        names = _ordered(model_rows, (k[2] for k in ours if k[1] == model))
+        names = tables._ordered(model_rows, (k[2] for k in ours if k[1] == model))
         for b in bits:
             for name in names:
                 cell = ours.get((table, model, name, b))
-                published = published_mean((model_rows.get(name) or {}).get(b))
+                published = tables.published_mean((model_rows.get(name) or {}).get(b))
                 if cell is None and published is None:
                     continue
                 out.append(FigureRow(model, str(labels.get(name, name)), int(b),

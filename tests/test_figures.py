@@ -137,6 +137,8 @@ def test_groups_pool_seeds_split_on_settings_and_keep_reruns_apart(sweep: list[P
         "nuLSQ-A 2-bit lr=0.01": ["runs/nulsq_lr/t0"],
     }
     assert len({g.label for g in groups}) == len(groups)
+    with pytest.raises(UserError, match="unknown --group-by key 'methd': no run's config.yaml has 'methd'"):
+        group_runs(runs, ["methd"])
 
 
 def test_legacy_run_label_and_curves_still_read_runs(sweep: list[Path]) -> None:

@@ -138,6 +138,11 @@ def group_runs(runs: list[Run], group_by: list[str], method_labels: dict[str, st
     keys = [resolve_key(k) for k in group_by]
     with_cfg = [r for r in runs if r.cfg]
     settings = {id(r): r.settings for r in with_cfg}
+    known = {k for r in with_cfg for k in flatten(r.cfg)}
+    for name, key in zip(group_by, keys):
+        if with_cfg and key not in known:
+            raise UserError(f"unknown --group-by key '{name}': no run's config.yaml has '{key}'; use "
+                            f"{', '.join(ALIASES)} or a dotted config key")
     all_keys = sorted({k for s in settings.values() for k in s} - set(keys) - {SEED_KEY})
     differing = [k for k in all_keys if len({settings[id(r)].get(k) for r in with_cfg}) > 1]
 

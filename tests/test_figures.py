@@ -30,6 +30,7 @@ from nulsq.log.histograms import (
     decision_thresholds,
     eval_histograms,
     record_histograms,
+    sample_values,
 )
 from nulsq.plots import curves, levels, results
 from nulsq.plots.runs import group_runs, load_run
@@ -257,6 +258,17 @@ def test_record_histograms_against_numpy() -> None:
     assert weight["batches"] == 1 and sum(weight["counts"]) == 20 and weight["below"] == weight["above"] == 0
     # nuLSQ levels -0.4, -0.1, 0, 0.2: the decision thresholds are the midpoints.
     np.testing.assert_allclose(weight["thresholds"], [-0.25, -0.05, 0.1], rtol=1e-6)
+
+
+def test_sample_values_keeps_every_value_of_small_tensors_and_an_even_sample_of_large_ones() -> None:
+    x = torch.randn(2, 3, 4, 5)
+    cl = x.to(memory_format=torch.channels_last)
+    assert torch.equal(sample_values(cl).sort().values, x.reshape(-1).sort().values)
+    assert sample_values(cl).data_ptr() == cl.data_ptr()  # a view of the memory, no copy
+    big = torch.arange(1000.0)
+    sample = sample_values(big, max_values=100)
+    assert torch.equal(sample, big[::11])  # the smallest prime stride above 7 that fits
+    assert torch.equal(sample_values(big, max_values=10), big[::101])
 
 
 def test_decision_thresholds_only_where_they_are_midpoints() -> None:

@@ -11,6 +11,7 @@ The range is fixed on the first batch (its finite minimum and maximum, widened t
 level), so the batches add up bin by bin on the device and one transfer at the end brings all
 histograms to the host. Values of later batches outside the range are counted in "below" and
 "above". A weight is the same tensor in every batch of an evaluation, so it is counted once.
+Tensors larger than MAX_VALUES are sampled (see `sample_values`): the counts are then of the sample.
 
 "thresholds" are the quantizer's decision thresholds in its input's units where they follow from
 its levels: the midpoints between adjacent levels for the quantizers that round their (not
@@ -32,6 +33,9 @@ from nulsq.quant.base import Quantizer
 
 HISTOGRAM_BINS = 64
 HISTOGRAM_BATCHES = 4  # validation batches per evaluation: enough for a smooth histogram, cheap
+# Values histogrammed per quantizer and batch: a larger tensor (an early ImageNet activation holds
+# 200M) is sampled at an even prime stride, which no power-of-two, 3 or 7 tensor dimension aliases.
+MAX_VALUES = 2**22
 NEAREST_LEVEL_KINDS = frozenset({"lsq", "nulsq", "lqnets", "pact", "apot", "ternary", "dorefa"})
 
 
@@ -45,6 +49,30 @@ def decision_thresholds(q: Quantizer) -> list[float] | None:
     if levels.numel() < 2:
         return None
     return ((levels[1:] + levels[:-1]) / 2).tolist()
+
+
+def _next_prime(n: int) -> int:
+    def is_prime(k: int) -> bool:
+        return k > 1 and all(k % d for d in range(2, int(k**0.5) + 1))
+
+    while not is_prime(n):
+        n += 1
+    return n
+
+
+def sample_values(x: torch.Tensor, max_values: int = MAX_VALUES) -> torch.Tensor:
+    """`x` flattened in its memory order (no copy for contiguous or channels-last tensors), as float
+    32, every p-th value (p prime, above 7) when it holds more than `max_values`."""
+    x = x.detach()
+    if x.is_contiguous():
+        flat = x.view(-1)
+    elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        flat = x.permute(0, 2, 3, 1).reshape(-1)  # a view: NHWC is the memory order
+    else:
+        flat = x.reshape(-1)
+    if flat.numel() > max_values:
+        flat = flat[:: _next_prime(max(11, -(-flat.numel() // max_values)))]
+    return flat.float()
 
 
 class _Histogram:
@@ -77,7 +105,7 @@ class _Histogram:
 def tensor_histogram(x: torch.Tensor, levels: torch.Tensor | None = None,
                      bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
     """The histogram record (range, counts, below, above, batches) of one tensor of values."""
-    x = x.detach().reshape(-1).float()
+    x = sample_values(x)
     h = _Histogram(x, torch.empty(0) if levels is None else levels.detach().float().cpu(), bins)
     h.add(x)
     return h.record(torch.cat([h.counts, h.outside]).tolist())
@@ -105,7 +133,7 @@ def record_histograms(model: nn.Module, batches: Iterable[torch.Tensor], bins: i
         def record(module: nn.Module, args: tuple) -> None:
             if q.role == "weight" and name in running:
                 return  # the same weight in every batch: counted once
-            x = args[0].detach().reshape(-1).float()
+            x = sample_values(args[0])
             if name not in running:
                 running[name] = _Histogram(x, q.levels().detach().float(), bins)
             running[name].add(x)

@@ -1,15 +1,17 @@
-"""The learned quantization levels: of every activation quantizer over its input's histogram (a
-run directory), or of every weight and activation quantizer (an export folder).
+"""The learned levels and decision thresholds of every weight and activation quantizer, over the
+histogram of the values it saw; or, for an export folder (scripts/export.py), every layer's weight
+levels (bar height: the fraction of its weights coded to each) and activation levels and thresholds,
+read from the export alone.
 
     python scripts/plot_levels.py runs/table5_resnet18_2bit/nulsq_a_2bit_seed0/20250101-120000
+    python scripts/plot_levels.py runs/.../lsq_2bit_seed0/... runs/.../nulsq_a_2bit_seed0/... --layers layer1
     python scripts/plot_levels.py exports/r18_nulsq_wa --out levels.png
 
-A run directory: loads the run's last checkpoint on the CPU, pushes a few validation batches
-through it while forward pre-hooks on the activation quantizers record what each one receives,
-and draws one panel per layer: the histogram of those inputs with a vertical line at each level.
-An export folder (scripts/export.py): needs no model nor data; one panel per quantized layer with
-the weight levels (bar height: the fraction of the layer's weights coded to that level), the
-activation levels and the activation decision thresholds, all read from the export.
+Reads the histograms the trainer records at every QAT epoch's evaluation (metrics.jsonl), so it
+needs neither the model nor the dataset; several runs are drawn on the same axes. A run recorded
+before histograms were logged falls back to loading its last checkpoint on the CPU and pushing
+--batches validation batches through it (then the dataset must be at hand). The drawing lives in
+nulsq/plots/levels.py.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
+from torch import nn
 
-matplotlib.use("Agg")  # files only: works on headless machines
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from nulsq.cli import script_exit_code  # noqa: E402
-from nulsq.errors import UserError  # noqa: E402
-from nulsq.quant.base import Quantizer  # noqa: E402
+from nulsq.cli import script_exit_code
+from nulsq.errors import UserError
+from nulsq.log import METRICS_FILE, quantizer_snapshot
+from nulsq.log.histograms import record_histograms, tensor_histogram
+from nulsq.plots.levels import QuantizerView, levels_figure, recorded_views, views_from_event
+from nulsq.plots.paper import DEFAULT_PAPER, load_paper_or_none, method_labels
+from nulsq.plots.runs import group_runs, load_run
+from nulsq.plots.style import add_format_argument, output_path, save_figure
+from nulsq.quant.base import Quantizer
 
 # Inputs kept per layer and batch: enough for a smooth histogram, small for the largest models.
 MAX_VALUES_PER_BATCH = 20_000
@@ -81,48 +86,60 @@ def act_levels(model: nn.Module) -> dict[str, list[float]]:
     }
 
 
-def draw_levels(layers: dict[str, tuple[torch.Tensor, list[float]]], out: Path, cols: int = 4) -> None:
-    """One panel per layer: histogram of its input values, a vertical line at each level.
+def draw_levels(layers: dict[str, tuple[torch.Tensor, list[float]]], out: Path,
+                fmt: str | None = None) -> Path:
+    """One panel per activation quantizer: the histogram of `values` and its `levels`.
 
     Args:
-        layers: layer name -> (sample of the quantizer's input values, its levels).
-        out: the PNG to write.
-        cols: panels per row.
+        layers: quantizer name -> (sample of its input values, its levels).
+        out: the figure to write.
     """
     if not layers:
         raise UserError("no activation quantizers to plot; is this a quantized (QAT) run?")
-    cols = min(cols, len(layers))
-    rows = math.ceil(len(layers) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, (name, (values, levels)) in zip(axes.flat, layers.items()):
-        ax.hist(values.numpy(), bins=100, color="tab:blue", alpha=0.6, log=True, label="inputs")
-        for i, level in enumerate(levels):
-            ax.axvline(level, color="tab:red", linewidth=1, label="levels" if i == 0 else None)
-        # Quantizers such as dynamic max have no fixed levels: they depend on each batch.
-        ax.set_title(f"{name} ({len(levels) or 'per-batch'} levels)", fontsize=8)
-        ax.set_xlabel("activation value", fontsize=7)
-        ax.set_ylabel("count (log)", fontsize=7)
-        ax.legend(fontsize=6)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(layers) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    views = {name: QuantizerView(name, "act", "", None, list(levels),
+                                 **_hist_fields(tensor_histogram(values, torch.tensor(levels))))
+             for name, (values, levels) in layers.items()}
+    return save_figure(levels_figure([("", views)]), output_path(out, fmt))
 
 
-def plot_run(run_dir: Path, batches: int, out: Path) -> None:
-    """Load `run_dir`'s model, capture `batches` validation batches, and draw the levels."""
+def _hist_fields(record: dict) -> dict:
+    return {"range": tuple(record["range"]), "counts": record["counts"], "below": record["below"],
+            "above": record["above"]}
+
+
+def captured_views(run_dir: Path, batches: int) -> dict[str, QuantizerView]:
+    """Load `run_dir`'s model on the CPU and record histograms on `batches` validation batches."""
     from nulsq.data import build as build_data  # the trainer's own loaders, as in training
-    from nulsq.rundir import load_run
+    from nulsq.rundir import load_run as load_checkpoint_run
 
-    model, cfg = load_run(run_dir)
+    model, cfg = load_checkpoint_run(run_dir)
     data = build_data(cfg.dataset, torch.device("cpu"), int(cfg.trainer.seed))
     images = (x for i, (x, _) in zip(range(batches), data.val))
-    inputs = capture_act_inputs(model, images)
-    levels = act_levels(model)
-    draw_levels({name: (inputs[name], levels[name]) for name in inputs}, out)
+    return views_from_event({**quantizer_snapshot(model), **record_histograms(model, images)})
+
+
+def run_views(run_dir: Path, batches: int, epoch: int | None) -> dict[str, QuantizerView]:
+    """The recorded quantizers of a run; the checkpoint-and-data fallback when none were recorded."""
+    if (run_dir / METRICS_FILE).is_file():
+        views, _ = recorded_views(load_run(run_dir), epoch)
+        if any(v.counts for v in views.values()) or not (run_dir / "checkpoints" / "last.pt").is_file():
+            return views
+    return captured_views(run_dir, batches)
+
+
+def plot_levels(run_dirs: list[Path], out: Path, batches: int = 4, epoch: int | None = None,
+                layers: str | None = None, fmt: str | None = None) -> Path:
+    """Draw every quantizer of `run_dirs` into `out`; returns the path written."""
+    paper = load_paper_or_none(DEFAULT_PAPER, explicit=False)
+    labels = [""]
+    if len(run_dirs) > 1:  # legend entries that tell the runs apart (method, bits, seed, settings)
+        runs = [load_run(d) for d in run_dirs]
+        by_run = {id(r): g.label for g in group_runs(runs, ["method", "bits", "seed"], method_labels(paper))
+                  for r in g.runs}
+        labels = [by_run[id(r)] for r in runs]
+    views = [(label, run_views(Path(d), batches, epoch)) for label, d in zip(labels, run_dirs)]
+    title = None if len(run_dirs) > 1 else Path(run_dirs[0]).name
+    return save_figure(levels_figure(views, layers, title), output_path(out, fmt))
 
 
 def weight_code_fractions(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict[str, list[float]]:
@@ -159,11 +176,11 @@ def draw_export_levels(manifest: dict, fractions: dict[str, list[float]], out: P
             width = 0.6 * min((b - a for a, b in zip(levels, levels[1:])), default=1.0)
             ax.bar(levels, fractions.get(entry["name"], [0.0] * len(levels)), width=width,
                    color="tab:blue", alpha=0.7, label=f"{weight['kind']} {weight['bits']}b levels")
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=8)
         ax.set_title(f"{entry['name']}: weights", fontsize=8)
-        ax.set_xlabel("weight value", fontsize=7)
-        ax.set_ylabel("fraction of weights", fontsize=7)
-        ax.tick_params(labelsize=7)
+        ax.set_xlabel("weight value", fontsize=8)
+        ax.set_ylabel("fraction of weights", fontsize=8)
+        ax.tick_params(labelsize=8)
         ax = next(panels)
         title = f"{entry['name']}: activations"
         if act.get("levels") is not None:
@@ -173,13 +190,13 @@ def draw_export_levels(manifest: dict, fractions: dict[str, list[float]], out: P
             for i, t in enumerate(act["thresholds"]):
                 ax.axvline(t, color="tab:gray", linewidth=0.8, linestyle=":",
                            label="decision thresholds" if i == 0 else None)
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=8)
         elif act.get("dynamic"):
-            title += f"\n{act['kind']} {act['bits']}b: step = max|x|/Qp of each input"
+            title += f"\n{act['kind']} {act['bits']}b: scale from each input ({act.get('convention')})"
         ax.set_title(title, fontsize=8)
-        ax.set_xlabel("activation value", fontsize=7)
+        ax.set_xlabel("activation value", fontsize=8)
         ax.set_yticks([])
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=8)
     for ax in panels:
         ax.axis("off")
     fig.suptitle(f"{manifest['model']['name']} / {manifest['method']['name']} "
@@ -200,15 +217,21 @@ def plot_export(folder: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", type=Path,
-                        help="a run directory with checkpoints/last.pt, or an export folder (manifest.json)")
-    parser.add_argument("--batches", type=int, default=4, help="validation batches to capture (runs)")
-    parser.add_argument("--out", type=Path, default=Path("levels.png"), help="the PNG to write")
+    parser.add_argument("run_dirs", nargs="+", type=Path,
+                        help="run directories (LSQ vs nuLSQ: give both), or one export folder")
+    parser.add_argument("--epoch", type=int, default=None, help="QAT epoch to draw (default: the last)")
+    parser.add_argument("--layers", default=None, help="regular expression: only the layers it finds")
+    parser.add_argument("--batches", type=int, default=4,
+                        help="validation batches, for runs recorded without histograms")
+    parser.add_argument("--out", type=Path, default=Path("levels.png"), help="the figure to write")
+    add_format_argument(parser)
     args = parser.parse_args(argv)
-    if (args.source / "manifest.json").is_file():
-        return script_exit_code(lambda: plot_export(args.source, args.out), f"wrote {args.out}")
-    return script_exit_code(lambda: plot_run(args.source, args.batches, args.out),
-                            f"wrote {args.out}")
+    if len(args.run_dirs) == 1 and (args.run_dirs[0] / "manifest.json").is_file():  # an export
+        out = output_path(args.out, args.format)
+        return script_exit_code(lambda: plot_export(args.run_dirs[0], out), f"wrote {out}")
+    return script_exit_code(
+        lambda: plot_levels(args.run_dirs, args.out, args.batches, args.epoch, args.layers, args.format),
+        f"wrote {output_path(args.out, args.format)}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from nulsq.code_version import code_version
 from nulsq.config import validate
 from nulsq.errors import UserError
 from nulsq.log import build_logger, quantizer_snapshot
+from nulsq.log.histograms import eval_histograms
 from nulsq.protocol import run_protocol
 from nulsq.quant import initialize_quantizers, kernels
 from nulsq.quant.progressive import load_progressive
@@ -199,8 +200,9 @@ class _Stage:
                 s.epoch += 1
             self.log.log("epoch", metrics, step=s.step_offset + s.step)
             if self.name == "qat":
-                self.log.log("quantizers", {"epoch": metrics["epoch"], **quantizer_snapshot(self.raw_model)},
-                             step=s.step_offset + s.step)
+                self.log.log("quantizers", {"epoch": metrics["epoch"], **quantizer_snapshot(self.raw_model),
+                                            **eval_histograms(self.raw_model, self.bundle.val, self.runtime,
+                                                              self.dist)}, step=s.step_offset + s.step)
             if self.dist.is_main:
                 stopped = "" if complete else " (stopped)"
                 logger.info(f"[{self.name}] epoch {metrics['epoch']}/{s.epochs}{stopped}: "

@@ -427,6 +427,8 @@ def write_tables(run_roots: Iterable[Path], out_dir: Path, paper_path: Path) -> 
     Returns:
         (the files written, the count of skipped runs by reason).
     """
+    from nulsq.plots.results import write_table_figure  # matplotlib only where figures are drawn
+
     paper = load_paper(paper_path)
     records, skipped = load_runs(run_roots)
     cells = aggregate(records)
@@ -437,4 +439,5 @@ def write_tables(run_roots: Iterable[Path], out_dir: Path, paper_path: Path) -> 
         path = out_dir / table_filename(table)
         path.write_text(render_table(table, paper.get(table), cells, records))
         written.append(path)
+        written += write_table_figure(table, paper.get(table), cells, out_dir)  # results/table<id>.png
     return written, skipped

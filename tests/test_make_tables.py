@@ -113,7 +113,12 @@ def test_make_tables_cells(runs, capsys):
     assert ("skipped runs: 1 no table, 1 same seed, older run, 1 search run (val_split > 0), "
             "1 status failed") in printed
     expected_files = {f"table{t}.md" for t in ["1", "3", "5", "7", "CIFAR10", "A", "B", "C", "D", "Z"]}
-    assert {p.name for p in out.iterdir()} == expected_files
+    assert {p.name for p in out.glob("*.md")} == expected_files
+    # results/table<id>.png beside the markdown of every table that has a number to draw
+    figures = {p.name for p in out.glob("*.png")}
+    assert {"tableA.png", "tableCIFAR10.png"} <= figures
+    assert {f[:-4] + ".md" for f in figures} <= expected_files and len(list(out.iterdir())) == len(
+        expected_files) + len(figures)
 
     table_a = (out / "tableA.md").read_text()
     r20 = section_rows(table_a, "preresnet20")

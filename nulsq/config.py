@@ -61,8 +61,8 @@ class QuantizerConfig:
     bits: int = 32
     weight: Optional[RoleConfig] = None  # null = weights stay full precision
     act: Optional[RoleConfig] = None  # null = activations stay full precision
-    grad_scale: str = "none"  # none | lsq (1/sqrt(N*Qp))
-    first_last: str = "dynamic8"  # dynamic8 (authors) | fp | same
+    grad_scale: str = "none"  # none | lsq (1/sqrt(N*Qp), Esser) | authors (their N; docs/fidelity.md)
+    first_last: str = "dynamic8"  # dynamic8 (authors) | dynamic8_absmax | fp | same
     signed_act: Optional[bool] = None  # null = the model's own (signed for Swin-T, ConvNeXt)
     step_guard: str = "stop"  # stop | clamp: what to do when a step size goes <= 0 or NaN
     step_floor: float = 1.0e-6  # the clamp floor for step_guard=clamp
@@ -98,6 +98,7 @@ class InitConfig:
     batches: int = 100
     reduce: str = "max"  # max (authors' code) | mean (supplement D-III LSQ init over 1,000 batches)
     from_run: Optional[str] = None  # progressive: a (b+1)-bit run directory or checkpoint
+    protocol: str = "authors"  # authors (train mode, quantized forward) | fp_eval (docs/fidelity.md)
 
 
 @dataclass
@@ -117,7 +118,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     compile: Any = "auto"  # auto (on for CUDA) | true | false
-    amp: Any = "auto"  # auto (bf16 on CUDA) | true | false
+    amp: Any = "auto"  # auto (bf16 on CUDA) | true | false (fp32: the paper's precision)
     channels_last: Any = "auto"
     resume: Optional[str] = None  # null | auto | path to a checkpoint
     log_interval: int = 50

@@ -108,7 +108,7 @@ def test_spec_fields_are_consistent(name: str) -> None:
     assert spec.source in {"timm", "pytorchcv"}
     assert spec.family in {"resnet", "mobilenet", "swin", "convnext"}
     assert spec.min_input_size <= spec.input_size
-    # REPRODUCTION.md section 4: GELU/LayerNorm networks need a signed activation quantizer.
+    # docs/fidelity.md B2: GELU/LayerNorm networks need a signed activation quantizer.
     assert spec.signed_activations == (name in {"swin_t", "convnext_t"})
 
 

@@ -449,7 +449,7 @@ def test_learnable_parameters_are_found(kind, args, expected):
 
 
 def test_clip_from_data_is_qp_times_the_initialiser_step():
-    # init "lsq": s = 2 mean|x| / sqrt(Qp) (REPRODUCTION.md section 2), alpha = Qp s, max over batches.
+    # init "lsq": s = 2 mean|x| / sqrt(Qp) (docs/maths.md), alpha = Qp s, max over batches.
     batches = [RNG.uniform(0, 1, size=500), RNG.uniform(0, 3, size=500)]
     q = QUANTIZERS.get("pact")(bits=2, signed=False, role="act", init_method="lsq")
     q.begin_init()

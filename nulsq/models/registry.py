@@ -1,7 +1,7 @@
 """The models a config can name, and `build`, which turns `cfg.model` into an FP network.
 
 Each entry is a ModelSpec registered under the short name users type (`model.name=preresnet20`);
-REPRODUCTION.md section 4 says which library architecture each paper name is.
+docs/fidelity.md (section B) says which library architecture each paper name is.
 """
 
 from __future__ import annotations

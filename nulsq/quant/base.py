@@ -5,9 +5,12 @@ A quantizer fake-quantizes one tensor: a layer's weight (role "weight") or its i
 (`quantizer_parameters`) and gives them their own optimizer, never by name matching.
 
 Initialisation runs before training: `begin_init()` switches every quantizer to observing, the
-trainer pushes `init.batches` training batches through the model (quantizers pass x through
-unchanged and record a statistic), then `end_init()` sets the parameters (the maximum over batches,
-as the authors do).
+trainer pushes `init.batches` training batches through the model, then `end_init()` sets the
+parameters (the maximum over batches, as the authors do). While observing, a quantizer records a
+statistic of each batch and then either passes x through unchanged (`init.protocol=fp_eval`) or,
+as the authors' code does (`init.protocol=authors`), sets its parameters from the statistics so far
+and quantizes x with them, so the layers after it observe the quantized network's values. For
+that, `end_init()` must be idempotent: it sets the parameters from what was observed so far.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from nulsq.registry import Registry
 
 QUANTIZERS: Registry[type["Quantizer"]] = Registry("quantizer kind")
 INIT_REDUCTIONS = ("max", "mean")
+# none: g = 1; lsq: Esser et al.'s g = 1/sqrt(N*Qp), N = elements per sample (activations);
+# authors: the authors' code, N = channel count (activations); see `Quantizer.grad_scale`.
+GRAD_SCALES = ("none", "lsq", "authors")
 
 
 def signed_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -39,7 +45,10 @@ class Quantizer(nn.Module):
         bits: bit width b.
         signed: signed grid (weights, signed activations) or unsigned (activations after ReLU).
         role: "weight" or "act"; decides the element count N of LSQ's gradient scale.
-        grad_scale: "none" (scale 1) or "lsq" (1/sqrt(N*Qp), Esser et al.).
+        grad_scale: one of GRAD_SCALES: "none" (scale 1), "lsq" (1/sqrt(N*Qp), N = numel for
+            weights, elements per sample for activations: Esser et al.) or "authors" (the
+            authors' code: N = numel for weights, the channel count for activations; symmetric
+            nuLSQ scales its negative steps by 2/sqrt(N*Qn) and its positive ones by 2/sqrt(N*Qp)).
         init_method: name of the initialiser in `nulsq.quant.init` used by `observe`.
         init_reduce: how per-batch initial values combine: "max" (the authors' code) or "mean"
             (supplement D-III: the mean over the first 1,000 batches).
@@ -65,8 +74,8 @@ class Quantizer(nn.Module):
             )
         if role not in ("weight", "act"):
             raise ValueError(f"role must be 'weight' or 'act', got {role!r}")
-        if grad_scale not in ("none", "lsq"):
-            raise UserError(f"unknown quantizer.grad_scale '{grad_scale}'; valid: lsq, none")
+        if grad_scale not in GRAD_SCALES:
+            raise UserError(f"unknown quantizer.grad_scale '{grad_scale}'; valid: {', '.join(GRAD_SCALES)}")
         if init_reduce not in INIT_REDUCTIONS:
             raise UserError(f"unknown init.reduce '{init_reduce}'; valid: {', '.join(INIT_REDUCTIONS)}")
         self.init_reduce = init_reduce
@@ -77,32 +86,53 @@ class Quantizer(nn.Module):
         self.init_method = init_method
         self.qn, self.qp = signed_range(bits, signed)
         self.observing = False
+        self.quantize_while_observing = False
+        # Where an activation's channels are, for grad_scale "authors": 1 (NCHW convolutions,
+        # (B, C) linear inputs); `quantize_model` sets -1 for Linear layers (token inputs).
+        self.channel_dim = 1
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.observe(x.detach())
-            return x
+            if not self.quantize_while_observing:
+                return x
+            # init.protocol=authors: quantize this batch with the estimate so far.
+            self.end_init()
+            self.observing = True
         return self.quantize(x)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def grad_scale(self, x: torch.Tensor) -> float:
-        """LSQ's g = 1/sqrt(N*Qp): N = numel for weights, numel per sample for activations."""
+        """g = 1/sqrt(N*Qp) of the step gradient (1 under "none"); see `grad_scale_count`."""
         if self.grad_scale_mode == "none":
             return 1.0
-        n = x.numel() if self.role == "weight" or x.dim() < 2 else x[0].numel()
-        return 1.0 / math.sqrt(n * max(self.qp, 1))
+        return 1.0 / math.sqrt(self.grad_scale_count(x) * max(self.qp, 1))
+
+    def grad_scale_count(self, x: torch.Tensor) -> int:
+        """N of the gradient scale: numel for weights; for activations the elements per sample
+        ("lsq", Esser et al.) or the channel count ("authors": x.shape[1] in their code, the
+        last dimension for a Linear layer's input here, the same for (B, C) inputs)."""
+        if self.role == "weight" or x.dim() < 2:
+            return x.numel()
+        if self.grad_scale_mode == "authors":
+            return x.shape[self.channel_dim]
+        return x[0].numel()
 
     # -- initialisation ----------------------------------------------------------------------
-    def begin_init(self) -> None:
+    def begin_init(self, quantize: bool = False) -> None:
+        """Start observing; `quantize`: quantize each observed batch with the estimate so far
+        (init.protocol=authors) instead of passing it through (fp_eval)."""
         self.observing = True
+        self.quantize_while_observing = quantize
 
     def observe(self, x: torch.Tensor) -> None:
         """Record an initialisation statistic of one batch (default: nothing to learn)."""
 
     def end_init(self) -> None:
+        """Stop observing and set the parameters from the statistics (idempotent)."""
         self.observing = False
 
     # -- inspection (logging, plots, guards) --------------------------------------------------

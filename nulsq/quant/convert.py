@@ -1,8 +1,9 @@
 """Model conversion: swap every Conv2d/Linear for a twin that quantizes its weight and its input.
 
 Per-tensor quantizers, as in the authors' code. The first and the last layer follow
-`quantizer.first_last`: "dynamic8" (the authors: 8-bit max-based dynamic quantizers), "fp" (left in
-full precision) or "same" (the configured quantizers and bits). Activations are unsigned (after
+`quantizer.first_last`: "dynamic8" (the authors: 8-bit max-based dynamic quantizers, their
+convention), "dynamic8_absmax" (max|x| on a clamped grid), "fp" (left in full precision) or "same"
+(the configured quantizers and bits). Activations are unsigned (after
 ReLU) except the first layer's input (the normalised image) and models whose activations are
 signed (Swin-T, ConvNeXt: GELU/LayerNorm), or as `quantizer.signed_act` says.
 """
@@ -17,8 +18,12 @@ from torch import nn
 
 from nulsq.errors import UserError
 from nulsq.quant.base import QUANTIZERS, Quantizer
+from nulsq.quant.init_protocol import initialize_quantizers  # noqa: F401  (its historical home)
 
-FIRST_LAST_POLICIES = ("dynamic8", "fp", "same")
+# dynamic8: the authors' 8-bit first/last quantizer (signed max, no clamp); dynamic8_absmax: max|x|
+# on the clamped 8-bit grid; fp: left in full precision; same: the configured quantizers and bits.
+FIRST_LAST_POLICIES = ("dynamic8", "dynamic8_absmax", "fp", "same")
+_DYNAMIC8 = {"dynamic8": "authors", "dynamic8_absmax": "absmax"}
 
 
 class QuantConv2d(nn.Conv2d):
@@ -106,13 +111,15 @@ def quantize_model(
         if name in edge and qcfg.first_last == "fp":
             plans.append(LayerPlan(name, type(module).__name__, "fp", "fp"))
             continue
-        if name in edge and qcfg.first_last == "dynamic8":
-            wq_cfg = aq_cfg = {"kind": "dynamic_max", "args": {}}
+        if name in edge and qcfg.first_last in _DYNAMIC8:
+            wq_cfg = aq_cfg = {"kind": "dynamic_max", "args": {"convention": _DYNAMIC8[qcfg.first_last]}}
             bits = 8
         else:
             wq_cfg, aq_cfg, bits = qcfg.weight, qcfg.act, qcfg.bits
         wq = _make(wq_cfg, bits, True, "weight", qcfg, init_method, init_reduce) if wq_cfg else nn.Identity()
         aq = _make(aq_cfg, bits, act_signed, "act", qcfg, init_method, init_reduce) if aq_cfg else nn.Identity()
+        if isinstance(module, nn.Linear) and isinstance(aq, Quantizer):
+            aq.channel_dim = -1  # a Linear's features are its input's last dimension
         module.__class__ = _TWINS[type(module)]  # keeps the Parameters (and optimizer refs) as they are
         module.add_module("weight_quant", wq.to(module.weight.device))
         module.add_module("act_quant", aq.to(module.weight.device))
@@ -137,31 +144,3 @@ def format_plan(plans: list[LayerPlan]) -> str:
 def quantizers(model: nn.Module) -> dict[str, Quantizer]:
     """Every Quantizer module of `model` by its qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, Quantizer)}
-
-
-@torch.no_grad()
-def initialize_quantizers(model: nn.Module, batches, num_batches: int) -> int:
-    """Run `num_batches` batches (cycling the iterable) through the model in eval mode with every
-    quantizer observing, then set the initial steps. Returns the number of batches seen."""
-    qs = list(quantizers(model).values())
-    if not qs:
-        return 0
-    was_training = model.training
-    model.eval()
-    for q in qs:
-        q.begin_init()
-    seen, num_batches = 0, max(1, num_batches)  # weight quantizers need one pass too
-    try:
-        while seen < num_batches:
-            for images, _ in batches:
-                model(images)
-                seen += 1
-                if seen >= num_batches:
-                    break
-            if seen == 0:
-                raise UserError("cannot initialise step sizes: the training loader yielded no batch")
-    finally:
-        for q in qs:
-            q.end_init()
-        model.train(was_training)
-    return seen

@@ -1,11 +1,12 @@
 """The quantizer maths: LSQ and nuLSQ fake quantization with their STE gradients.
 
 Two public ops, `lsq` (supplement Eq. 1 and 4) and `nulsq` (supplement Eq. 5 and 10-12, with the
-Eq. 13 typo fixed, see REPRODUCTION.md section 1). Each is an autograd Function whose forward and
-backward call a *kernel*: the plain-torch reference kernels below, or a fast path that
-`nulsq.quant.kernels` registers with `register_fast_path` for a device type (or for "compile",
-the path taken while torch.compile traces). Fast paths must match
-the reference kernels, which the tests check against float64 transcriptions of the equations.
+Eq. 13 typo fixed: docs/maths.md writes every equation out), and `scale_grad`. Each of the two
+quantizer ops is an autograd Function whose forward and backward call a *kernel*: the plain-torch
+reference kernels below, or a fast path that `nulsq.quant.kernels` registers with
+`register_fast_path` for a device type (or for "compile", the path taken while torch.compile
+traces). Fast paths must match the reference kernels, which the tests check against float64
+transcriptions of the equations.
 
 Rules every kernel follows (so that it works under torch.compile and CUDA graphs):
 - compute in fp32 whatever the input dtype; return x's dtype for y and dx, the steps' dtype for the
@@ -213,7 +214,10 @@ def nulsq_backward_reference(
     ties toward zero as in the forward. Both equal (y - x)/width, so the interior gradient of an
     interval is sum(dy * (y - x)) over its elements divided by its width. Clip branches, closed:
     dy/ds_k = 1 for every k when x >= c_Qp, dy/ds'_k = -1 for every k when x <= -c'_Qn, so that
-    with equal steps the gradients sum to LSQ's Eq. 4 for every x. grad_scale scales dpos, dneg.
+    with equal steps the gradients sum to LSQ's Eq. 4 for every x except exact ties
+    (x/s = k + 1/2): there LSQ rounds half to even and nuLSQ toward zero, as each authors' op
+    does, so value and gradient differ where the even neighbour is the one farther from zero
+    (x/s = +-1.5, +-3.5, ...). grad_scale scales dpos, dneg.
 
     Args:
         dy: upstream gradient, shape of x.
@@ -395,9 +399,11 @@ def nulsq(
 
     Levels c_n = s_1 + ... + s_n above zero and -c'_n below; x goes to the nearest level, the
     threshold between levels n-1 and n being c_n - s_n/2 (Eq. 5), ties to the level nearer zero;
-    clipped to [-c'_Qn, c_Qp]. Gradients: see `nulsq_backward_reference` (closed clip branches:
-    x >= c_Qp gives dy/ds_k = 1 for all k, x <= -c'_Qn gives dy/ds'_k = -1 for all k; dx = dy on
-    the closed interval [-c'_Qn, c_Qp]). Steps must be positive.
+    clipped to [-c'_Qn, c_Qp]. With equal steps s it equals `lsq` except at exact ties
+    x/s = k + 1/2, which `lsq` rounds half to even. Gradients: see `nulsq_backward_reference`
+    (closed clip branches: x >= c_Qp gives dy/ds_k = 1 for all k, x <= -c'_Qn gives
+    dy/ds'_k = -1 for all k; dx = dy on the closed interval [-c'_Qn, c_Qp]). Steps must be
+    positive.
 
     Args:
         x: any shape, fp32 or bf16, CPU or CUDA; y has x's dtype.
@@ -406,3 +412,25 @@ def nulsq(
         grad_scale: multiplies the step gradients only.
     """
     return _NuLSQFunction.apply(x, pos_steps, neg_steps, float(grad_scale))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
+
+
+def scale_grad(t: Tensor, scale: float) -> Tensor:
+    """t unchanged (bit for bit) in the forward pass; `scale` times its gradient in the backward.
+
+    Used where one op's step gradients need different scales (symmetric nuLSQ under
+    grad_scale "authors"); `t - t*g + t*g` would move t by an ulp.
+    """
+    if scale == 1.0:
+        return t
+    return _ScaleGrad.apply(t, float(scale))

@@ -1,4 +1,4 @@
-"""Step-size initialisers: a tensor's statistics -> the initial uniform step (REPRODUCTION.md 2).
+"""Step-size initialisers: a tensor's statistics -> the initial uniform step (docs/maths.md).
 
 Each initialiser is registered in `INITS` under the name a config uses (`init.method`) and has the
 signature `fn(x, qn, qp, signed) -> Tensor` (a 0-d fp32 step without grad), for the grid

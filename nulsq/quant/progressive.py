@@ -1,8 +1,8 @@
 """Progressive fine-tuning: initialise b-bit nuLSQ steps from a trained (b+1)-bit model.
 
 Supplement D-III: "merging two adjacent step sizes at (b+1)-bit yields effective initialization at
-b-bit"; the pairs are (s_1 + s_2), (s_3 + s_4), ... (REPRODUCTION.md section 2), so every second
-old level survives.
+b-bit"; the pairs are (s_1 + s_2), (s_3 + s_4), ... (docs/maths.md, docs/fidelity.md B6), so every
+second old level survives.
 """
 
 from __future__ import annotations

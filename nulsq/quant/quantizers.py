@@ -7,9 +7,12 @@ batches); nuLSQ starts from the uniform grid that LSQ's init gives.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from nulsq.errors import UserError
 from nulsq.quant import functional as F
 from nulsq.quant.base import QUANTIZERS, Quantizer
 from nulsq.quant.init import INITS
@@ -88,7 +91,14 @@ class NuLSQQuantizer(_ObservedStep):
         self.neg_steps = nn.Parameter(torch.ones(self.qn)) if self.qn > 0 else None
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return F.nulsq(x, self.pos_steps, self.neg_steps, self.grad_scale(x))
+        if self.neg_steps is None or self.grad_scale_mode != "authors":
+            return F.nulsq(x, self.pos_steps, self.neg_steps, self.grad_scale(x))
+        # The authors' symmetric nuLSQ: 2/sqrt(N*Qn) on the negative steps, 2/sqrt(N*Qp) on the
+        # positive ones (twice LSQ's scale, each side with its own level count).
+        n = self.grad_scale_count(x)
+        neg = F.scale_grad(self.neg_steps, 2.0 / math.sqrt(n * self.qn))
+        pos = F.scale_grad(self.pos_steps, 2.0 / math.sqrt(n * self.qp))
+        return F.nulsq(x, pos, neg, 1.0)
 
     def end_init(self) -> None:
         super().end_init()
@@ -122,13 +132,42 @@ class NuLSQQuantizer(_ObservedStep):
             self.neg_steps.copy_(merge_adjacent(old["neg_steps"], self.qn))
 
 
+DYNAMIC_MAX_CONVENTIONS = ("authors", "absmax")
+
+
 @QUANTIZERS.register("dynamic_max")
 class DynamicMaxQuantizer(Quantizer):
-    """Uniform quantizer whose step is max|x|/Qp of the current tensor (the authors' first/last
-    layers, 8 bits); nothing to learn, gradient straight through (the step is not differentiated)."""
+    """Uniform quantizer whose scale is the current tensor's maximum (first/last layers, 8 bits);
+    nothing to learn, and the scale is not differentiated.
+
+    Args: as Quantizer, plus
+        convention: "authors" (their first/last quantizer): m = max(x), the signed maximum,
+            y = round(x / m * Qp) / Qp * m with no clamp (Qp = 127 for weights and signed inputs,
+            255 for unsigned ones) and dy/dx = 1 everywhere. "absmax": m = max|x|, y = the LSQ
+            grid {-Qn, ..., Qp} * m/Qp with clamping and LSQ's STE. They differ where
+            min(x) < -max(x) (authors: codes below -Qp, no clamp) and in the rounding order.
+    """
 
     kind = "dynamic_max"
 
+    def __init__(self, *args, convention: str = "authors", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if convention not in DYNAMIC_MAX_CONVENTIONS:
+            raise UserError(f"unknown dynamic_max convention '{convention}'; valid: "
+                            f"{', '.join(DYNAMIC_MAX_CONVENTIONS)}")
+        self.convention = convention
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        step = (x.detach().abs().amax().float() / max(self.qp, 1)).clamp_min(1e-12)
-        return F.lsq(x, step, self.qn, self.qp, 1.0)
+        if self.convention == "absmax":
+            step = (x.detach().abs().amax().float() / max(self.qp, 1)).clamp_min(1e-12)
+            return F.lsq(x, step, self.qn, self.qp, 1.0)
+        xf = x.float()
+        m = xf.detach().amax()
+        m = torch.where(m == 0, torch.ones_like(m), m)  # an all-zero tensor stays zero, not NaN
+        # The authors' order of operations (x/m*Qp, then /Qp*m): another order flips codes.
+        q = xf.detach().div(m).mul(self.qp).round().div(self.qp).mul(m)
+        y = xf + (q - xf.detach())
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, convention={self.convention}"

@@ -18,6 +18,7 @@ from nulsq import data as datasets
 from nulsq.config import validate
 from nulsq.errors import UserError
 from nulsq.log import build_logger, quantizer_snapshot
+from nulsq.protocol import check_switches, run_protocol
 from nulsq.quant import initialize_quantizers, kernels
 from nulsq.quant.from_run import load_progressive, resolve_run_checkpoint
 from nulsq.train import distributed as D
@@ -71,6 +72,7 @@ def _check_values(cfg: DictConfig) -> None:
         resolve_run_checkpoint(cfg.init.from_run)
     if cfg.trainer.log_interval <= 0:
         raise UserError(f"trainer.log_interval must be > 0, got {cfg.trainer.log_interval}")
+    check_switches(cfg)  # init.protocol, quantizer.grad_scale, quantizer.first_last
 
 
 def _meta(cfg: DictConfig) -> dict:
@@ -253,7 +255,7 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
     quantized = cfg.quantizer.weight is not None or cfg.quantizer.act is not None
     resume_stage = ckpt["stage"] if ckpt else None
     summary = {**_meta(cfg), "status": "running", "run_dir": str(run_dir),
-               "runtime": _runtime_meta(runtime, dist)}
+               "runtime": _runtime_meta(runtime, dist), "protocol": run_protocol(cfg, runtime.amp)}
     stages: list[_Stage] = []
     try:
         model, _ = build_model(cfg, bundle.num_classes, quantized=False, verbose=False,
@@ -360,7 +362,8 @@ def _init_steps(cfg: DictConfig, model: nn.Module, bundle, dist: D.DistInfo, log
         bundle.train.set_epoch(0)
         # Every rank observes the gathered global batches (what one process would see), so the
         # steps do not depend on the number of ranks; rank 0's are then broadcast.
-        seen = initialize_quantizers(model, D.GlobalBatches(bundle.train, dist), cfg.init.batches)
-        note = {"method": cfg.init.method, "batches": seen}
+        seen = initialize_quantizers(model, D.GlobalBatches(bundle.train, dist), cfg.init.batches,
+                                     cfg.init.protocol)
+        note = {"method": cfg.init.method, "batches": seen, "protocol": cfg.init.protocol}
     D.broadcast_state(model, dist)
     log.log("init", {**note, **quantizer_snapshot(model)}, step=step)

@@ -121,6 +121,7 @@ class TrainerConfig:
     amp: Any = "auto"  # auto (bf16 on CUDA) | true | false (fp32: the paper's precision)
     channels_last: Any = "auto"
     resume: Optional[str] = None  # null | auto | path to a checkpoint
+    trust_checkpoint: bool = False  # read checkpoints of nulsq before its safe format (numpy, no code)
     log_interval: int = 50
     sync_bn: bool = False
     output_dir: Optional[str] = None  # null = Hydra's run directory (or ./runs/<name> without Hydra)

@@ -23,13 +23,14 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import yaml
 
 from nulsq.errors import UserError
 from nulsq.protocol import protocol_tag
 from nulsq.registry import Registry
+from nulsq.rundir import find_run_dirs
 
 GroupKey = tuple[str, str, str, int]  # (table, model, row, bits)
 RowKey = Callable[[dict], str]
@@ -92,17 +93,6 @@ class Cell:
     mean: float
     std: float | None  # None for a single run
     best: float
-
-
-def find_run_dirs(roots: Iterable[Path]) -> Iterator[Path]:
-    """Every folder under `roots` (missing roots are skipped) holding summary.json and config.yaml."""
-    for root in roots:
-        root = Path(root)
-        if not root.is_dir():
-            continue
-        for summary in sorted(root.rglob("summary.json")):
-            if (summary.parent / "config.yaml").is_file():
-                yield summary.parent
 
 
 def load_run(run_dir: Path) -> tuple[RunRecord | None, str]:

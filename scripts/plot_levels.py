@@ -107,7 +107,7 @@ def draw_levels(layers: dict[str, tuple[torch.Tensor, list[float]]], out: Path, 
 def plot_run(run_dir: Path, batches: int, out: Path) -> None:
     """Load `run_dir`'s model, capture `batches` validation batches, and draw the levels."""
     from nulsq.data import build as build_data  # the trainer's own loaders, as in training
-    from nulsq.train.checkpoint import load_run
+    from nulsq.rundir import load_run
 
     model, cfg = load_run(run_dir)
     data = build_data(cfg.dataset, torch.device("cpu"), int(cfg.trainer.seed))

@@ -11,7 +11,7 @@ from nulsq.errors import UserError
 from nulsq.models import MODELS, build
 from nulsq.quant import initialize_quantizers, quantize_model, quantizer_parameters, quantizers
 from nulsq.quant.convert import QuantConv2d, QuantLinear
-from nulsq.quant.from_run import load_progressive
+from nulsq.quant.progressive import load_progressive
 from nulsq.quant.quantizers import LSQQuantizer, NuLSQQuantizer
 from nulsq.train.guards import StepSizeError, check_step_sizes, clamp_step_sizes
 

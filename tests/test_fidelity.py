@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,3 +311,17 @@ def test_results_keep_protocols_apart(tmp_path):
     # fp32 runs average together; the bf16 run is its own row, still beside the published 67.9
     assert "| nuLSQ-A | 71.00 ± 1.41 (n=2) | 72.00 | 67.9 | +3.10 |" in text
     assert "| nuLSQ-A [bf16] | 60.00 (n=1) | 60.00 | 67.9 | -7.90 |" in text
+
+
+def test_summary_records_the_protocol_a_run_used(tiny_run, one_thread):
+    from nulsq.train import run
+
+    overrides = tiny_run("pretrain.epochs=0", "trainer.epochs=1", "trainer.max_steps=1",
+                         "init.protocol=fp_eval", "quantizer.grad_scale=authors")
+    summary = run(compose_config(overrides))
+    out = compose_config(overrides).trainer.output_dir
+    assert json.loads((Path(out) / "summary.json").read_text())["protocol"] == summary["protocol"] == {
+        "init_protocol": "fp_eval", "init_method": "mse", "init_reduce": "max", "grad_scale": "authors",
+        "first_last": "dynamic8", "precision": "fp32"}
+    events = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    assert next(e for e in events if e["event"] == "init")["protocol"] == "fp_eval"

@@ -154,7 +154,7 @@ def test_plot_levels_cli_wires_run_loading_and_data(tmp_path: Path, monkeypatch)
         assert Path(run_dir) == tmp_path
         return tiny_net(), cfg
 
-    monkeypatch.setitem(sys.modules, "nulsq.train.checkpoint", types.SimpleNamespace(load_run=load_run))
+    monkeypatch.setitem(sys.modules, "nulsq.rundir", types.SimpleNamespace(load_run=load_run))
     monkeypatch.setitem(sys.modules, "nulsq.data", types.SimpleNamespace(build=build))
     out = tmp_path / "levels.png"
     assert plot_levels.main([str(tmp_path), "--batches", "3", "--out", str(out)]) == 0

@@ -1,7 +1,9 @@
 """`cifar10` / `cifar100`: torchvision's python-pickle release, read once and kept on the device.
 
-The files are read through torchvision.datasets.CIFAR10/100 (which also downloads them with
-`dataset.download=true`), then the whole set goes to a TensorLoader: crop + flip run on the GPU.
+The files are laid out and downloaded (`dataset.download=true`) as torchvision.datasets.CIFAR10/100
+do it, but unpickled by nulsq/safe_load.py, which builds numpy arrays and nothing else (torchvision
+would run any code a file in dataset.root names). The whole set then goes to a TensorLoader: crop +
+flip run on the GPU.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torchvision import datasets
+from torchvision.datasets.utils import download_and_extract_archive
 
 from nulsq.data.augment import AugmentSpec
 from nulsq.data.bundle import DATASETS, DataBundle, setting
 from nulsq.data.tensor_loader import resident_bundle
 from nulsq.errors import UserError
+from nulsq.safe_load import load_numpy_pickle
 
 # The normalisation pytorchcv's pretrained CIFAR-10/100 models were trained with (imgclsmob's
 # cifar10_cls_dataset.py, used for both sets) and the nuLSQ authors' loaders copy; the FP
@@ -53,22 +58,14 @@ CIFAR10 = CifarRelease("CIFAR-10", datasets.CIFAR10, 10)
 CIFAR100 = CifarRelease("CIFAR-100", datasets.CIFAR100, 100)
 
 
-def _files_only(tv_class: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
-    """torchvision's class with the per-file md5 checks turned into presence checks.
-
-    A checksum of None makes torchvision's check_integrity test that the file exists, so files in
-    the same format that are not the byte-exact release (the tests' tiny copies, a re-pickled set)
-    load too; a download still verifies the archive's md5.
-    """
-    return type(
-        tv_class.__name__ + "Files",
-        (tv_class,),
-        {
-            "train_list": [[name, None] for name, _ in tv_class.train_list],
-            "test_list": [[name, None] for name, _ in tv_class.test_list],
-            "meta": {**tv_class.meta, "md5": None},
-        },
-    )
+def _read_split(release: CifarRelease, folder: Path, files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images (uint8 [N, 3, 32, 32]) and labels of `files`, in order, as torchvision reads
+    them, but unpickled with numpy arrays and plain values allowed only (a crafted file in
+    dataset.root cannot run code)."""
+    entries = [load_numpy_pickle(folder / name, f"{release.title} file") for name in files]
+    data = np.vstack([entry["data"] for entry in entries]).reshape(-1, 3, 32, 32)
+    labels = [label for entry in entries for label in entry.get("labels", entry.get("fine_labels"))]
+    return torch.from_numpy(np.ascontiguousarray(data)), torch.tensor(labels)
 
 
 def read_cifar(
@@ -79,7 +76,7 @@ def read_cifar(
     Args:
         release: CIFAR10 or CIFAR100.
         root: the folder holding `release.folder`.
-        download: let torchvision fetch the archive when the files are missing.
+        download: let torchvision fetch the archive (md5-verified) when files are missing.
     """
     missing = [f for f in release.files if not (root / release.folder / f).is_file()]
     if missing and not download:
@@ -88,24 +85,24 @@ def read_cifar(
             f"{release.layout(root)} (torchvision's python release); set dataset.root to the "
             "folder holding it, or add dataset.download=true to fetch it when online"
         )
-    reader = _files_only(release.tv_class)
+    tv = release.tv_class
     try:
-        splits = [reader(str(root), train=train, download=download) for train in (True, False)]
+        if missing:
+            download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
     except (OSError, RuntimeError) as error:  # urllib's URLError (offline) is an OSError
-        action = "download" if download else "open"
         raise UserError(
-            f"could not {action} {release.title} at {root}: {error}; when offline, place "
+            f"could not download {release.title} at {root}: {error}; when offline, place "
             f"{release.layout(root)} there by hand"
         ) from error
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as error:
+    folder = root / release.folder
+    try:
+        return tuple(_read_split(release, folder, [name for name, _ in files])
+                     for files in (tv.train_list, tv.test_list))
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, OSError) as error:
         raise UserError(
-            f"could not read {release.title} under {root / release.folder}: {error!r}; expected "
+            f"could not read {release.title} under {folder}: {error!r}; expected "
             f"torchvision's python release ({release.layout(root)}); delete it and re-download"
         ) from error
-    return tuple(
-        (torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets))
-        for s in splits
-    )
 
 
 def build_cifar(

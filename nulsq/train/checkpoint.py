@@ -1,8 +1,11 @@
-"""Checkpoints and run files, written atomically (temp file + rename), and run loading.
+"""Checkpoints and run files, written atomically (temp file + rename), and read without running code.
 
 A checkpoint holds everything an exact resume needs: model, every optimizer and scheduler, the
 stage and epoch/step counters, the best metric, all RNG states, the W&B run id, and a fingerprint of
-the config so a checkpoint of another run is refused.
+the config so a checkpoint of another run is refused. Since format 2 it holds only tensors and plain
+values (dict, list, str, numbers, bool, None): the RNG states as tensors and lists of ints, the
+resolved config as a YAML string, so it loads with `torch.load(weights_only=True)`
+(nulsq/safe_load.py) and a crafted file cannot run code on the machine that reads it.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +26,21 @@ import torch
 from omegaconf import OmegaConf
 
 from nulsq.errors import UserError
+from nulsq.rundir import find_resume  # noqa: F401  (the trainer's name; it lives in rundir)
+from nulsq.safe_load import load_torch_file
+
+# The "format" entry: 2 = tensors and plain values only, config inside (see the module docstring).
+FORMAT = 2
+# Plain values a checkpoint may hold besides tensors; anything else would need unpickling code.
+_PLAIN = (str, int, float, bool, type(None))
+# What a W&B run id looks like (it names folders and URLs: nothing else is passed to wandb).
+_WANDB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 # Keys that may change between a run and its resume without changing the maths.
-_RESUME_FREE_KEYS = ("trainer.resume", "trainer.max_steps", "trainer.output_dir", "trainer.device",
-                     "trainer.compile", "trainer.log_interval", "logger", "dataset.num_workers",
-                     "dataset.root", "init.from_run", "model.pretrained", "model.cache_dir")
+_RESUME_FREE_KEYS = ("trainer.resume", "trainer.trust_checkpoint", "trainer.max_steps",
+                     "trainer.output_dir", "trainer.device", "trainer.compile", "trainer.log_interval",
+                     "logger", "dataset.num_workers", "dataset.root", "init.from_run",
+                     "model.pretrained", "model.cache_dir")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -134,13 +149,29 @@ def config_fingerprint(cfg) -> str:
 
 
 def rng_state() -> dict:
+    """Every RNG's state as tensors, lists of ints and numbers (a weights-only load reads it)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _upgrade_rng(state: dict) -> dict:
+    """A state saved by nulsq before format 2 (python's tuple, numpy's array) in today's form."""
+    if isinstance(state.get("python"), tuple):
+        version, internal, gauss = state["python"]
+        state["python"] = {"version": version, "state": list(internal), "gauss": gauss}
+    if isinstance(state.get("numpy"), tuple):
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        state["numpy"] = {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
     return state
 
 
@@ -149,77 +180,64 @@ def set_rng_state(state: dict | list, rank: int = 0) -> None:
     used; a job resumed with more ranks than it was saved with gives the new ranks rank 0's)."""
     if isinstance(state, list):
         state = state[rank] if rank < len(state) else state[0]
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    np.random.set_state((npy["kind"], np.asarray(npy["keys"], dtype=np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint written by this trainer; a missing or unreadable file is a UserError."""
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001  (any unpickling failure means a corrupt file)
-        prev = path.with_name(path.name + ".prev")
-        fix = f"resume from the one before with trainer.resume={prev}" if prev.is_file() else (
-            "point trainer.resume at another one")
-        raise UserError(
-            f"checkpoint {path} is corrupt or not a torch file ({type(err).__name__}); "
-            f"delete it, or {fix}"
-        ) from None
+def check_plain(obj: Any, where: str = "checkpoint") -> None:
+    """Raise TypeError naming the first value of `obj` that a weights-only load could not read
+    (a numpy scalar in a metric, a class instance): caught when saving, not when resuming."""
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN:  # exact: np.float64 is a float
+        return
+    if type(obj) in (dict, OrderedDict):
+        for key, value in obj.items():
+            if type(key) not in _PLAIN:
+                raise TypeError(f"{where} has a key of type {type(key).__name__}")
+            check_plain(value, f"{where}[{key!r}]")
+    elif type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            check_plain(value, f"{where}[{i}]")
+    else:
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__name__}, not a tensor "
+                        f"or plain value; a weights-only load would refuse it")
+
+
+def save_checkpoint(path: Path, fields: dict, cfg) -> None:
+    """Write a training checkpoint (format 2: `fields` plus the format and the resolved config as
+    YAML) atomically; see atomic_torch_save."""
+    ckpt = {"format": FORMAT, "config": OmegaConf.to_yaml(cfg, resolve=True), **fields}
+    check_plain(ckpt)
+    atomic_torch_save(path, ckpt)
+
+
+def load_checkpoint(path: Path, trust: bool = False,
+                    trust_hint: str = "trainer.trust_checkpoint=true") -> dict:
+    """Read a checkpoint written by this trainer, tensors and plain values only (never code).
+
+    Args:
+        path: the checkpoint file.
+        trust: also read checkpoints of nulsq before format 2 (numpy arrays allowed, still no code).
+        trust_hint: how the user turns `trust` on, named in the message refusing an old checkpoint.
+
+    Raises:
+        UserError: missing, corrupt, refused (it names code to run), old without `trust`, or not a
+            nulsq training checkpoint.
+    """
+    prev = path.with_name(path.name + ".prev")
+    fix = f"use the one before it, {prev}" if prev.is_file() else "use another checkpoint"
+    ckpt = load_torch_file(path, "checkpoint", f"delete it, or {fix}", trust, trust_hint)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "fingerprint" not in ckpt:
         raise UserError(f"{path} is not a nulsq training checkpoint (no model/fingerprint entry)")
+    wandb_id = ckpt.get("wandb_id")
+    if wandb_id is not None and not (isinstance(wandb_id, str) and _WANDB_ID.match(wandb_id)):
+        raise UserError(f"checkpoint {path} holds a malformed W&B run id {str(wandb_id)[:40]!r}; "
+                        f"it was not written by nulsq or was altered: do not resume it")
+    if "rng" in ckpt:
+        rng = ckpt["rng"]
+        ckpt["rng"] = [_upgrade_rng(s) for s in rng] if isinstance(rng, list) else _upgrade_rng(rng)
     return ckpt
-
-
-def _same_config(run_dir: Path, fingerprint: str | None) -> bool:
-    """Whether the run in `run_dir` was made with a config of this fingerprint (None: any)."""
-    if fingerprint is None:
-        return True
-    cfg_path = run_dir / "config.yaml"
-    try:
-        return cfg_path.is_file() and config_fingerprint(OmegaConf.load(cfg_path)) == fingerprint
-    except Exception:  # noqa: BLE001  (an unreadable config.yaml is simply not this run's)
-        return False
-
-
-def find_resume(resume: str | None, run_dir: Path, fingerprint: str | None = None) -> Path | None:
-    """The checkpoint `trainer.resume` points at: null -> none; a path -> that file (or a run
-    directory's checkpoints/last.pt); auto -> this run directory's last.pt, else the newest
-    unfinished sibling run (same experiment, method, bits and seed) that has one and, when
-    `fingerprint` is given, the same config (a sibling stopped by a NaN loss and rerun with a
-    lower lr is a different run, not one to continue)."""
-    if resume in (None, "", "none", "null"):
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        return path / "checkpoints" / "last.pt" if path.is_dir() else path
-    own = run_dir / "checkpoints" / "last.pt"
-    if own.is_file():
-        return own
-    candidates = []
-    for sibling in run_dir.parent.glob("*/checkpoints/last.pt") if run_dir.parent.exists() else []:
-        summary = sibling.parent.parent / "summary.json"
-        finished = summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"
-        if not finished and _same_config(sibling.parent.parent, fingerprint):
-            candidates.append(sibling)
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
-
-
-def load_run(run_dir: str | Path, device: str = "cpu"):
-    """Rebuild a run's model (quantized as configured) with its last weights: (model, cfg)."""
-    from nulsq.train.build import build_model  # local: avoids an import cycle with the trainer
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = OmegaConf.load(cfg_path)
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    model, _ = build_model(cfg, num_classes=ckpt["num_classes"], quantized=ckpt["stage"] == "qat",
-                           verbose=False, load_pretrained=False, image_size=ckpt.get("image_size"))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), cfg

@@ -20,12 +20,13 @@ from nulsq.errors import UserError
 from nulsq.log import build_logger, quantizer_snapshot
 from nulsq.protocol import check_switches, run_protocol
 from nulsq.quant import initialize_quantizers, kernels
-from nulsq.quant.from_run import load_progressive, resolve_run_checkpoint
+from nulsq.quant.progressive import load_progressive
+from nulsq.rundir import resolve_checkpoint
 from nulsq.train import distributed as D
 from nulsq.train.build import build_model, quantize
 from nulsq.train.checkpoint import (atomic_torch_save, atomic_write_json, atomic_write_text,
                                     config_fingerprint, find_resume, load_checkpoint, rng_state,
-                                    set_rng_state)
+                                    save_checkpoint, set_rng_state)
 from nulsq.train.loop import StageState, StepContext, evaluate, train_epoch
 from nulsq.train.optim import build_optimizers, build_schedulers
 from nulsq.train.runtime import Runtime, resolve_runtime, seed_everything
@@ -69,7 +70,7 @@ def _check_values(cfg: DictConfig) -> None:
     if cfg.quantizer.step_guard not in ("stop", "clamp"):
         raise UserError(f"unknown quantizer.step_guard '{cfg.quantizer.step_guard}'; valid: clamp, stop")
     if cfg.init.from_run:  # a progressive run whose source is missing fails before any work
-        resolve_run_checkpoint(cfg.init.from_run)
+        resolve_checkpoint(cfg.init.from_run)
     if cfg.trainer.log_interval <= 0:
         raise UserError(f"trainer.log_interval must be > 0, got {cfg.trainer.log_interval}")
     check_switches(cfg)  # init.protocol, quantizer.grad_scale, quantizer.first_last
@@ -154,7 +155,7 @@ class _Stage:
         rng = D.gather_object(rng_state(), self.dist)  # every rank's, for an exact DDP resume
         if not self.dist.is_main:
             return
-        atomic_torch_save(self.run_dir / "checkpoints" / path_name, {
+        save_checkpoint(self.run_dir / "checkpoints" / path_name, {
             "stage": self.name,
             "model": self.raw_model.state_dict(),
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
@@ -165,7 +166,7 @@ class _Stage:
             "num_classes": self.bundle.num_classes,
             "image_size": self.bundle.image_size,
             "wandb_id": self.log.wandb_id,
-        })
+        }, self.cfg)
 
     def train(self) -> dict:
         """Run the remaining epochs (a stop by max_steps ends mid-epoch, checkpointed there)."""
@@ -232,7 +233,7 @@ def _run(cfg: DictConfig, dist: D.DistInfo, t_start: float) -> dict:
     # Rank 0 picks (siblings are ordered by mtime), so every rank resumes the same file.
     found = find_resume(cfg.trainer.resume, run_dir, fingerprint)
     resume_path = D.broadcast_object(found, dist)
-    ckpt = load_checkpoint(resume_path) if resume_path else None
+    ckpt = load_checkpoint(resume_path, cfg.trainer.trust_checkpoint) if resume_path else None
     if resume_path is not None:
         run_dir = resume_path.parent.parent
     if ckpt is not None and ckpt["fingerprint"] != fingerprint:
@@ -356,7 +357,7 @@ def _final_line(summary: dict, cfg: DictConfig, stopped: bool) -> str:
 def _init_steps(cfg: DictConfig, model: nn.Module, bundle, dist: D.DistInfo, log, step: int) -> None:
     """Initial step sizes: merged from a (b+1)-bit run, or observed on training batches."""
     if cfg.init.from_run:
-        load_progressive(model, cfg.init.from_run)
+        load_progressive(model, cfg.init.from_run, cfg.trainer.trust_checkpoint)
         note = {"method": "progressive", "from_run": str(cfg.init.from_run)}
     else:
         bundle.train.set_epoch(0)

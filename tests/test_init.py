@@ -110,7 +110,7 @@ def test_lsq_init_formula() -> None:
     assert init.INITS.get("lsq")(x, 4, 3, True).item() == pytest.approx(2 * 1.0 / math.sqrt(3))
 
 
-@pytest.mark.parametrize("name", ["lsq", "mse", "mse_search"])
+@pytest.mark.parametrize("name", ["lsq", "mse", "mse_authors", "mse_search"])
 @pytest.mark.parametrize("signed", [True, False])
 def test_every_initialiser_returns_a_detached_scalar(name: str, signed: bool) -> None:
     x = gaussian(1000, 1.0, 0).requires_grad_()
@@ -121,6 +121,19 @@ def test_every_initialiser_returns_a_detached_scalar(name: str, signed: bool) ->
 
 
 def test_registry() -> None:
-    assert init.INITS.names() == ["lsq", "mse", "mse_search"]
-    with pytest.raises(UserError, match="valid names: lsq, mse, mse_search"):
+    assert init.INITS.names() == ["lsq", "mse", "mse_authors", "mse_search"]
+    with pytest.raises(UserError, match="valid names: lsq, mse, mse_authors, mse_search"):
         init.INITS.get("minmax")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_authors_decimal_constants_sit_near_the_computed_optima(bits, signed) -> None:
+    """mse_authors differs from mse only by the authors' rounding of the same optimum (the Gaussian
+    integrals computed here): by < 1e-5 relative at 2-5 bits, < 1e-4 at 6-8 bits (flat optima)."""
+    x = gaussian(4096, 1.3, bits)
+    x = x if signed else x.relu()
+    qn, qp = signed_range(bits, signed)
+    ours = init.INITS.get("mse")(x, qn, qp, signed).double()
+    theirs = init.INITS.get("mse_authors")(x, qn, qp, signed).double()
+    assert float(abs(theirs / ours - 1)) < (1e-5 if bits <= 5 else 1e-4)

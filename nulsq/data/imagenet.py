@@ -188,10 +188,16 @@ class FolderLoader:
         return error if bad is None else UserError(f"cannot decode image {bad[0]}: {bad[1]}; {CHECK}")
 
 
-def unreadable(path: str | Path) -> str | None:
-    """Why the image at `path` cannot be decoded as the loaders decode it, or None if it can."""
+def unreadable(path: str | Path, draft: bool = False) -> str | None:
+    """Why the image at `path` cannot be decoded as the loaders decode it, or None if it can.
+
+    draft: decode JPEGs at 1/8 scale (DCT scaling still reads every coefficient, so truncated or
+        corrupt data fails just the same, several times faster).
+    """
     try:
         with Image.open(path) as image:
+            if draft:
+                image.draft("RGB", (1, 1))
             image.convert("RGB")  # decodes every pixel: a truncated file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return str(error) or type(error).__name__

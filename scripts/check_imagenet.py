@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -43,10 +44,6 @@ def scan(split: Path) -> tuple[dict[str, list[Path]], list[Path]]:
                 path = Path(dirpath) / name
                 (images if name.lower().endswith(IMG_EXTENSIONS) else others).append(path)
     return classes, others
-
-
-def _check(path: Path) -> tuple[Path, str | None]:
-    return path, unreadable(path, draft=True)
 
 
 def check(root: Path, workers: int = 1, decode: bool = True) -> tuple[list[str], list[str]]:
@@ -92,7 +89,8 @@ def check(root: Path, workers: int = 1, decode: bool = True) -> tuple[list[str],
         paths = [p for classes in splits.values() for images in classes.values() for p in images]
         bad: list[str] = []
         with Pool(workers) if workers > 1 else _Serial() as pool:
-            for done, (path, reason) in enumerate(pool.imap_unordered(_check, paths, 256), 1):
+            reasons = pool.imap(partial(unreadable, draft=True), paths, 256)  # picklable: no lambda
+            for done, (path, reason) in enumerate(zip(paths, reasons), 1):
                 if reason is not None:
                     bad.append(f"{path}: {reason}")
                 if done % 100_000 == 0:
@@ -103,7 +101,7 @@ def check(root: Path, workers: int = 1, decode: bool = True) -> tuple[list[str],
 
 
 class _Serial:
-    """Pool's imap_unordered in this process (no start-up cost for small folders)."""
+    """Pool's imap in this process (no start-up cost for small folders)."""
 
     def __enter__(self) -> _Serial:
         return self
@@ -111,7 +109,7 @@ class _Serial:
     def __exit__(self, *_) -> None:
         pass
 
-    def imap_unordered(self, func, items, chunksize=1):
+    def imap(self, func, items, chunksize=1):
         return map(func, items)
 
 

@@ -28,6 +28,7 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 import torch
 from nvidia.dali import Pipeline, pipeline_def
+from nvidia.dali.backend import TensorListGPU
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from PIL import Image
 from torch import Tensor
@@ -249,25 +250,28 @@ class DaliLoader:
         pipe = self._pipeline()
         self._next = None  # until this pass ends
         index = self.skip
+        # CUDA: outputs ready on torch's stream (copied on it below), no host synchronisation
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         while True:
             try:
-                images, labels = pipe.run()
+                images, labels = pipe.run(cuda_stream=stream)
             except StopIteration:
                 break
             except Exception as error:
                 raise self._explain(error, index) from error
-            yield self._to_torch(images), self._to_torch(labels)
+            yield self._to_torch(images, stream), self._to_torch(labels, stream)
             index += 1
         pipe.reset()
         self._next = (self.epoch + 1, 0) if self.split.train else (self.epoch, self.skip)
 
-    def _to_torch(self, batch) -> Tensor:
+    def _to_torch(self, batch, stream) -> Tensor:
+        """A copy of one output in a torch tensor on the training device (GPU outputs are copied
+        on `stream`, torch's current one; the labels come from the CPU)."""
+        on_gpu = isinstance(batch, TensorListGPU)
         tensor = batch.as_tensor()
-        gpu = self.device.type == "cuda"
         dtype = torch.float32 if tensor.dtype == types.FLOAT else torch.int64
-        out = torch.empty(tensor.shape(), dtype=dtype, device=self.device if gpu else "cpu")
-        stream = torch.cuda.current_stream(self.device) if gpu and out.is_cuda else None
-        feed_ndarray(tensor, out, cuda_stream=stream)
+        out = torch.empty(tensor.shape(), dtype=dtype, device=self.device if on_gpu else "cpu")
+        feed_ndarray(tensor, out, cuda_stream=stream if on_gpu else None)
         return out.to(self.device, non_blocking=True)
 
     def _explain(self, error: Exception, index: int) -> Exception:

@@ -254,7 +254,7 @@ class DaliLoader:
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         while True:
             try:
-                images, labels = pipe.run(cuda_stream=stream)
+                images, labels = pipe.run(stream)
             except StopIteration:
                 break
             except Exception as error:

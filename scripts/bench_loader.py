@@ -49,7 +49,7 @@ def make_folder(
     present. Smooth random colour fields plus grain: at 400-500 px and quality 90 they come out
     at about 100 KB, as ImageNet's photographs do (JPEG decoding time follows the coded size)."""
     stamp = root / "settings.json"
-    settings = {"images": images, "width": width, "height": height, "quality": quality}
+    settings = {"images": images, "width": list(width), "height": list(height), "quality": quality}
     if stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return root
     rng = np.random.default_rng(0)

@@ -167,6 +167,8 @@ def test_dali_resumes_mid_epoch_without_reading_the_done_batches(
 
 
 def test_dali_ranks_see_disjoint_halves_as_torchvision_ranks_do(folder: Path, dali) -> None:
+    from nulsq.data.dali import Source
+
     ranks = {
         name: [build(cfg(folder, name), CPU, seed=1, rank=r, world_size=2) for r in range(2)]
         for name in ("torchvision", "dali")
@@ -177,8 +179,8 @@ def test_dali_ranks_see_disjoint_halves_as_torchvision_ranks_do(folder: Path, da
         assert len(da.train) == len(tv.train) == 6  # 24 images: 12 per rank, 2 per batch
         a, b = epoch(tv.train, 0), epoch(da.train, 0)
         assert [y.tolist() for _, y in a] == [y.tolist() for _, y in b]
-        split = da.train.split
-        seen.append({int(p) for i in range(len(da.train)) for p in split.positions(0, i)})
+        source = Source(da.train.split, first_epoch=0, skip=0)
+        seen.append({int(p) for i in range(len(da.train)) for p in source.batch(0, i)})
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 24
     single = torch.cat([x for x, _ in epoch(build(cfg(folder, "dali"), CPU, 1).val, 0)])
     halves = torch.cat([x for b in ranks["dali"] for x, _ in epoch(b.val, 0)])
@@ -276,5 +278,39 @@ def test_bench_loader_reports_each_loader_and_its_ratio(tmp_path: Path) -> None:
     assert set(rows) == {(n, s) for n in names for s in ("train", "val")}
     assert all(r["images_per_s"] > 0 for r in rows.values())
     assert rows[("torchvision", "train")]["ratio"] == pytest.approx(1.0)
+    stamp = (tmp_path / "folder" / "settings.json").stat().st_mtime_ns
+    bench.make_folder(tmp_path / "folder", 24, (40, 60), (40, 60))  # same settings: reused
+    assert (tmp_path / "folder" / "settings.json").stat().st_mtime_ns == stamp
     sizes = [Image.open(p).size for p in (tmp_path / "folder" / "train").rglob("*.JPEG")]
     assert len(sizes) == 24 and all(40 <= w <= 60 and 40 <= h <= 60 for w, h in sizes)
+
+
+# --- through the trainer --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_dali_run_stopped_mid_epoch_and_resumed_ends_as_the_uninterrupted_one(
+    folder: Path, tmp_path: Path, dali, one_thread
+) -> None:
+    """The trainer's set_epoch(epoch, skip) resume path on the DALI loader (3 steps per epoch,
+    stopped after 4: mid-epoch 2), the quantizer initialisation's partial pass included."""
+    from conftest import compose_config
+
+    from nulsq.train import run
+
+    def overrides(out: Path, *extra: str) -> list[str]:
+        return [
+            "dataset=imagenet", f"dataset.root={folder}", "dataset.loader=dali",
+            "dataset.image_size=16", "dataset.batch_size=8", "dataset.num_workers=0",
+            "trainer.device=cpu", "trainer.epochs=2", "trainer.seed=3", "pretrain.epochs=0",
+            "quantizer=nulsq_a", "init.batches=2", f"trainer.output_dir={out}", *extra,
+        ]
+
+    run(compose_config(overrides(tmp_path / "full")))
+    run(compose_config(overrides(tmp_path / "cut", "trainer.max_steps=4")))
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "stopped"
+    run(compose_config(overrides(tmp_path / "cut", "trainer.resume=auto")))
+    weights = [torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=False)["model"]
+               for d in ("full", "cut")]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key

@@ -98,15 +98,6 @@ class Split:
         start, stop = shard_range(len(self.paths), self.rank, self.world_size)
         return -(-(stop - start) // self.batch_size)
 
-    def positions(self, epoch: int, batch: int) -> np.ndarray:
-        """The positions in batch `batch` of `epoch` (empty past the end)."""
-        if self.train:
-            order = np.fromiter(self.sampler(epoch), dtype=np.int64)
-            return order[batch * self.batch_size : (batch + 1) * self.batch_size]
-        start, stop = shard_range(len(self.paths), self.rank, self.world_size)
-        first = start + batch * self.batch_size
-        return np.arange(first, min(first + self.batch_size, stop), dtype=np.int64)
-
 
 class Source:
     """The external source's callback: BatchInfo -> the batch's bytes, labels and geometry.
@@ -120,11 +111,14 @@ class Source:
         self._order: tuple[int, np.ndarray] | None = None  # per-process cache of one epoch's order
 
     def batch(self, epoch: int, index: int) -> np.ndarray:
+        """The positions in batch `index` of `epoch` (none past the end)."""
         split = self.split
         if index >= split.num_batches():
             return np.zeros(0, dtype=np.int64)
         if not split.train:
-            return split.positions(epoch, index)
+            start, stop = shard_range(len(split.paths), split.rank, split.world_size)
+            first = start + index * split.batch_size
+            return np.arange(first, min(first + split.batch_size, stop), dtype=np.int64)
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, np.fromiter(split.sampler(epoch), dtype=np.int64))
         return self._order[1][index * split.batch_size : (index + 1) * split.batch_size]

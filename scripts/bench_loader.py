@@ -125,9 +125,10 @@ def run(args: argparse.Namespace) -> dict:
     for (name, split), values in rates.items():
         base = rates[("torchvision", split)] if ("torchvision", split) in rates else None
         ratio = statistics.median(v / b for v, b in zip(values, base)) if base else None
-        rows.append(
-            {"loader": name, "split": split, "images_per_s": statistics.median(values), "ratio": ratio}
-        )
+        rows.append({
+            "loader": name, "split": split, "images_per_s": statistics.median(values),
+            "ratio": ratio, "per_round": values,
+        })
     return {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu_count": os.cpu_count(),

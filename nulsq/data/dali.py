@@ -173,7 +173,9 @@ def val_geometry(size: tuple[int, int], image_size: int) -> tuple[tuple[int, int
 
 
 @pipeline_def
-def _pipeline(source: Source, image_size: int, train: bool, workers: int, gpu: bool):
+def _graph(source: Source, image_size: int, train: bool, workers: int, gpu: bool):
+    """The DALI graph: external source -> decode (crop window only, for train) -> resize ->
+    (val: center crop) -> flip + normalise to float32 CHW."""
     # each worker prepares a whole batch; keep all of them busy
     parallel = dict(parallel=True, prefetch_queue_depth=max(2, workers)) if workers > 0 else {}
     data, labels, a, b, flip = fn.external_source(
@@ -235,7 +237,7 @@ class DaliLoader:
         if self._pipe is None or self._next != (self.epoch, self.skip):
             self._pipe = None  # shuts the old workers down
             gpu = self.device.type == "cuda"
-            pipe = _pipeline(
+            pipe = _graph(
                 Source(self.split, self.epoch, self.skip), self.split.image_size, self.split.train,
                 self.workers, gpu, batch_size=self.split.batch_size,
                 num_threads=max(1, self.threads), device_id=(self.device.index or 0) if gpu else None,

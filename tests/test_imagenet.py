@@ -18,7 +18,7 @@ from PIL import Image
 
 from nulsq.data import build
 from nulsq.data import imagenet as imagenet_module
-from nulsq.data.imagenet import MEAN, STD, choose_loader
+from nulsq.data.imagenet import MEAN, STD, choose_loader, dali_installed
 from nulsq.errors import UserError
 
 CPU = torch.device("cpu")
@@ -273,7 +273,7 @@ def test_bench_loader_reports_each_loader_and_its_ratio(tmp_path: Path) -> None:
         "--device", "cpu", "--out", str(out),
     ])
     result = json.loads(out.read_text())
-    names = ["torchvision"] + (["dali"] if importlib.util.find_spec("nvidia.dali") else [])
+    names = ["torchvision"] + (["dali"] if dali_installed() else [])
     rows = {(r["loader"], r["split"]): r for r in result["rows"]}
     assert set(rows) == {(n, s) for n in names for s in ("train", "val")}
     assert all(r["images_per_s"] > 0 for r in rows.values())

@@ -327,9 +327,11 @@ def folder_loaders(
 
 
 def dali_installed() -> bool:
-    return importlib.util.find_spec("nvidia") is not None and (
-        importlib.util.find_spec("nvidia.dali") is not None
-    )
+    """Whether NVIDIA DALI can be imported (looked up without importing it)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):  # no `nvidia` package at all, or a broken entry
+        return False
 
 
 def choose_loader(cfg: Mapping[str, Any], device: torch.device) -> str:

@@ -86,6 +86,8 @@ def test_auto_takes_dali_only_on_cuda_and_says_how_to_install_it(
     assert choose_loader(cfg(folder, "auto"), cuda) == "torchvision"
     line = capsys.readouterr().out
     assert line.count("\n") == 1 and "pip install -e '.[dali]'" in line
+    assert choose_loader(cfg(folder, "auto"), cuda, say=False) == "torchvision"  # ranks > 0
+    assert capsys.readouterr().out == ""
     with pytest.raises(UserError, match=r"loader=dali needs NVIDIA DALI.*pip install -e '\.\[dali\]'"):
         choose_loader(cfg(folder, "dali"), CPU)
     with pytest.raises(UserError, match="unknown dataset.loader 'ffcv'; valid: auto, dali, torchvision"):

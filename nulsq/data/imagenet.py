@@ -270,7 +270,7 @@ def build_imagenet(
     batch_size, eval_batch_size = rank_batch_sizes(cfg, len(train_set), world_size)
 
     workers = int(setting(cfg, "num_workers", 0))
-    if choose_loader(cfg, device) == "dali":
+    if choose_loader(cfg, device, say=rank == 0) == "dali":
         from nulsq.data.dali import dali_loaders  # DALI is an optional extra
 
         train, val = dali_loaders(
@@ -334,9 +334,9 @@ def dali_installed() -> bool:
         return False
 
 
-def choose_loader(cfg: Mapping[str, Any], device: torch.device) -> str:
-    """`dataset.loader` resolved: auto takes DALI on CUDA when it is installed, else torchvision
-    (saying once how to install DALI when the GPU would have used it)."""
+def choose_loader(cfg: Mapping[str, Any], device: torch.device, say: bool = True) -> str:
+    """`dataset.loader` resolved: auto takes DALI on CUDA when it is installed, else torchvision,
+    saying in one line (when `say`: rank 0) how to install DALI if the GPU would have used it."""
     loader = str(setting(cfg, "loader", "auto"))
     if loader not in LOADERS:
         raise UserError(f"unknown dataset.loader '{loader}'; valid: {', '.join(LOADERS)}")
@@ -348,9 +348,10 @@ def choose_loader(cfg: Mapping[str, Any], device: torch.device) -> str:
         return "torchvision"
     if dali_installed():
         return "dali"
-    print(
-        "dataset.loader=auto: NVIDIA DALI is not installed, decoding ImageNet with torchvision on "
-        f"the CPU (slower); for GPU decoding: {DALI_INSTALL}",
-        flush=True,
-    )
+    if say:
+        print(
+            "dataset.loader=auto: NVIDIA DALI is not installed, decoding ImageNet with torchvision "
+            f"on the CPU (slower); for GPU decoding: {DALI_INSTALL}",
+            flush=True,
+        )
     return "torchvision"

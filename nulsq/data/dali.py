@@ -173,9 +173,9 @@ def val_geometry(size: tuple[int, int], image_size: int) -> tuple[tuple[int, int
 
 
 @pipeline_def
-def _graph(source: Source, image_size: int, train: bool, workers: int, gpu: bool):
+def _graph(source: Source, image_size: int, train: bool, workers: int, gpu: bool, layout: str):
     """The DALI graph: external source -> decode (crop window only, for train) -> resize ->
-    (val: center crop) -> flip + normalise to float32 CHW."""
+    (val: center crop) -> flip + normalise to float32 in `layout` (CHW or HWC)."""
     # each worker prepares a whole batch; keep all of them busy
     parallel = dict(parallel=True, prefetch_queue_depth=max(2, workers)) if workers > 0 else {}
     data, labels, a, b, flip = fn.external_source(
@@ -203,7 +203,7 @@ def _graph(source: Source, image_size: int, train: bool, workers: int, gpu: bool
         images = fn.slice(images, b, [image_size, image_size], axis_names="HW")
     images = fn.crop_mirror_normalize(
         images, mirror=flip, mean=[255 * m for m in MEAN], std=[255 * s for s in STD],
-        dtype=types.FLOAT, output_layout="CHW",
+        dtype=types.FLOAT, output_layout=layout,
     )
     return images, labels
 
@@ -216,10 +216,15 @@ class DaliLoader:
         device: where batches are delivered; CUDA decodes on that GPU, CPU on DALI's CPU backend.
         workers: Python reader processes (0 reads in this process, for tests and debugging).
         threads: DALI's own CPU threads.
+        channels_last: deliver [B, C, H, W] tensors in channels_last memory (DALI writes HWC; the
+            trainer's conversion is then a no-op) instead of contiguous NCHW.
     """
 
-    def __init__(self, split: Split, device: torch.device, workers: int, threads: int) -> None:
+    def __init__(
+        self, split: Split, device: torch.device, workers: int, threads: int, channels_last: bool
+    ) -> None:
         self.split, self.device, self.workers, self.threads = split, device, workers, threads
+        self.channels_last = channels_last
         self.epoch, self.skip = 0, 0
         self._pipe: Pipeline | None = None
         self._next: tuple[int, int] | None = None  # the (epoch, skip) the built pipeline gives next
@@ -239,7 +244,8 @@ class DaliLoader:
             gpu = self.device.type == "cuda"
             pipe = _graph(
                 Source(self.split, self.epoch, self.skip), self.split.image_size, self.split.train,
-                self.workers, gpu, batch_size=self.split.batch_size,
+                self.workers, gpu, "HWC" if self.channels_last else "CHW",
+                batch_size=self.split.batch_size,
                 num_threads=max(1, self.threads), device_id=(self.device.index or 0) if gpu else None,
                 seed=mix_seed(self.split.seed), py_num_workers=max(1, self.workers),
                 # spawn, not fork: the trainer has usually initialised CUDA by now
@@ -261,8 +267,14 @@ class DaliLoader:
             except StopIteration:
                 break
             except Exception as error:
+                # a failed pipeline is not reused; drop it now (its threads and reader processes)
+                # rather than when the traceback that holds this frame goes
+                self._pipe = pipe = None
                 raise self._explain(error, index) from error
-            yield self._to_torch(images, stream), self._to_torch(labels, stream)
+            images = self._to_torch(images, stream)
+            if self.channels_last:  # [B, H, W, C] -> a [B, C, H, W] view with channels_last strides
+                images = images.permute(0, 3, 1, 2)
+            yield images, self._to_torch(labels, stream)
             index += 1
         pipe.reset()
         self._next = (self.epoch + 1, 0) if self.split.train else (self.epoch, self.skip)
@@ -310,7 +322,8 @@ def dali_loaders(
     workers: int,
 ) -> tuple[DaliLoader, DaliLoader]:
     """(train, val) DaliLoaders over the files of the torchvision path's subsets (per-rank batch
-    sizes; `workers` reader processes and as many DALI threads)."""
+    sizes; `workers` reader processes and as many DALI threads). On CUDA the images come in
+    channels_last memory, the trainer's default there (trainer.channels_last=auto); on CPU NCHW."""
 
     def split(subset: FolderSubset, size: int, train: bool) -> Split:
         root, samples = subset.folder.root, subset.folder.samples
@@ -321,8 +334,8 @@ def dali_loaders(
             root, paths, labels, size, image_size, train, flip and train, seed, rank, world_size
         )
 
-    threads = max(1, workers)
+    threads, channels_last = max(1, workers), device.type == "cuda"
     return (
-        DaliLoader(split(train_set, batch_size, True), device, workers, threads),
-        DaliLoader(split(val_set, eval_batch_size, False), device, workers, threads),
+        DaliLoader(split(train_set, batch_size, True), device, workers, threads, channels_last),
+        DaliLoader(split(val_set, eval_batch_size, False), device, workers, threads, channels_last),
     )

@@ -104,6 +104,7 @@ class DatasetConfig:
     num_workers: int = 4
     download: bool = False
     image_size: Optional[int] = None
+    loader: str = "auto"  # imagenet: auto (DALI on CUDA when installed) | dali | torchvision
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # synthetic only
     num_train: int = 512

@@ -483,6 +483,19 @@ def test_imagenet_errors_name_the_path_and_layout(tmp_path: Path) -> None:
         build(imagenet_cfg(tmp_path / "full"), CPU, 0)
 
 
+def test_imagenet_corrupt_image_read_in_a_worker_is_named_in_one_line(imagenet_root: Path) -> None:
+    """A DataLoader worker's error arrives as its whole traceback; the loader turns it into one
+    line naming the file (tests/test_imagenet.py checks both loaders in-process)."""
+    path = imagenet_root / "train" / "n002" / "img2.JPEG"
+    path.write_bytes(path.read_bytes()[:200])
+    loader = build(imagenet_cfg(imagenet_root, num_workers=1), CPU, seed=0).train
+    with pytest.raises(UserError) as error:
+        epoch(loader)
+    message = str(error.value)
+    assert "\n" not in message and f"cannot decode image {path}" in message
+    assert "check_imagenet.py" in message
+
+
 # --- config errors --------------------------------------------------------------------------------
 
 

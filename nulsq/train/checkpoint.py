@@ -25,7 +25,8 @@ from nulsq.errors import UserError
 # Keys that may change between a run and its resume without changing the maths.
 _RESUME_FREE_KEYS = ("trainer.resume", "trainer.max_steps", "trainer.output_dir", "trainer.device",
                      "trainer.compile", "trainer.log_interval", "logger", "dataset.num_workers",
-                     "dataset.root", "init.from_run", "model.pretrained", "model.cache_dir")
+                     "dataset.root", "init.from_run", "model.pretrained", "model.cache_dir",
+                     "model.pretrained_tag", "dataset.download", "paths")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -18,6 +18,7 @@ from nulsq import data as datasets
 from nulsq.config import validate
 from nulsq.errors import UserError
 from nulsq.log import build_logger, quantizer_snapshot
+from nulsq.paths import check_data_dir
 from nulsq.quant import initialize_quantizers, kernels
 from nulsq.quant.from_run import load_progressive, resolve_run_checkpoint
 from nulsq.train import distributed as D
@@ -214,6 +215,7 @@ def run(cfg: DictConfig) -> dict:
     t_start = time.time()
     cfg = validate(cfg)
     _check_values(cfg)
+    check_data_dir(cfg.paths.data_dir)
     device_type = "cuda" if cfg.trainer.device != "cpu" and torch.cuda.is_available() else "cpu"
     dist = D.init_distributed(device_type)
     try:

@@ -240,7 +240,8 @@ def _timm_weights(model: nn.Module, arch: str, cache_dir: str | None) -> Path:
     except UserError:
         raise
     except Exception as err:  # network, HTTP status, size mismatch: one message
+        # huggingface_hub reports a failed lookup as "not in the local cache"; its cause says why
         raise UserError(
             f"could not download {names[0]} of hub repo {repo} (timm {arch}) into {folder} "
-            f"({_one_line(err)}); nothing was left there; {fetch_elsewhere}"
+            f"({_one_line(err.__cause__ or err)}); nothing was left there; {fetch_elsewhere}"
         ) from err

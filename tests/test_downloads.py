@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from local_server import Route, closed_port_url, local_server
 from safetensors.torch import save as save_safetensors
 
-from local_server import Route, closed_port_url, local_server
 from nulsq.errors import UserError
 from nulsq.models import build
 from nulsq.models.fetch import PYTORCHCV_URL_ENV
@@ -259,9 +259,8 @@ def test_an_unknown_pretrained_tag_lists_the_valid_ones():
 def cifar_archive(server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """A tiny CIFAR-10 in torchvision's python format, tarred as the real release is, served as
     torchvision's CIFAR10.url with its md5 as CIFAR10.tgz_md5."""
-    from torchvision import datasets
-
     from test_data import write_cifar
+    from torchvision import datasets
 
     written = write_cifar(tmp_path / "source", fine=False)
     archive = io.BytesIO()

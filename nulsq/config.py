@@ -19,7 +19,7 @@ from nulsq.errors import UserError
 @dataclass
 class ModelConfig:
     name: str = "preresnet20"
-    pretrained: Any = False  # false | true (library cache) | path to a local file
+    pretrained: Any = False  # false | true (library cache, else its download) | path to a local file
     input_size: Optional[int] = None  # null = the model's own (32 CIFAR, 224 ImageNet)
     cache_dir: Optional[str] = None  # null = the library's default cache
     pretrained_tag: Optional[str] = None  # timm only: whose weights, e.g. tv_in1k; null = timm's default

@@ -88,6 +88,10 @@ def download_mode(value: Any) -> bool | str:
     )
 
 
+def _missing(release: CifarRelease, root: Path) -> list[str]:
+    return [f for f in release.files if not (root / release.folder / f).is_file()]
+
+
 def download_cifar(release: CifarRelease, root: Path) -> None:
     """torchvision's download of `release` (archive md5-checked, then unpacked) into a temporary
     folder beside `root / release.folder`, renamed into place only when complete.
@@ -101,6 +105,8 @@ def download_cifar(release: CifarRelease, root: Path) -> None:
     try:
         reader(str(staging), train=False, download=True)
         target = root / release.folder
+        if not _missing(release, root):
+            return  # another process (a DDP rank) put a complete copy there meanwhile
         if target.exists():  # an incomplete copy: set it aside, then swap the new one in
             target.rename(staging / "incomplete")
         (staging / release.folder).rename(target)
@@ -125,7 +131,7 @@ def read_cifar(
         download: True or "auto": fetch the release when any of its files is missing; False:
             never touch the network.
     """
-    missing = [f for f in release.files if not (root / release.folder / f).is_file()]
+    missing = _missing(release, root)
     if missing and download is False:
         raise UserError(
             f"{release.title} not found: {root / release.folder / missing[0]} is missing; expected "

@@ -323,3 +323,17 @@ def test_cifar_download_false_never_touches_the_network(server, cifar_archive):
 def test_bad_download_setting_is_named():
     with pytest.raises(UserError, match="dataset.download='sometimes' is not understood"):
         build_cifar(Path("nowhere"), "sometimes")
+
+
+def test_imagenet_is_never_downloaded_and_its_error_says_how_to_prepare_it(tmp_path):
+    from omegaconf import OmegaConf
+
+    from nulsq.data import build as build_data
+
+    root = tmp_path / "imagenet"
+    cfg = OmegaConf.create({"name": "imagenet", "root": str(root), "batch_size": 4, "download": "auto"})
+    with pytest.raises(UserError) as err:
+        build_data(cfg, torch.device("cpu"), 0)
+    message = str(err.value)
+    assert str(root) in message and "<root>/train/<class>/*.JPEG" in message and "<root>/val/" in message
+    assert "docs/imagenet.md#preparing-imagenet" in message and not root.exists()

@@ -82,9 +82,10 @@ class Device(Choice):
 @dataclass
 class ModelConfig:
     name: str = "preresnet20"
-    pretrained: Any = False  # false | true (library cache) | path to a local file
+    pretrained: Any = False  # false | true (library cache, else its download) | path to a local file
     input_size: Optional[int] = None  # null = the model's own (32 CIFAR, 224 ImageNet)
     cache_dir: Optional[str] = None  # null = the library's default cache
+    pretrained_tag: Optional[str] = None  # timm only: whose weights, e.g. tv_in1k; null = timm's default
 
 
 @dataclass
@@ -102,7 +103,7 @@ class DatasetConfig:
     val_split: float = 0.0  # 0 = official test/val set; 0.1 = the paper's 90/10 split of train
     split_seed: int = 0
     num_workers: int = 4
-    download: bool = False
+    download: Any = "auto"  # auto (fetch CIFAR when absent) | true | false (never touch the network)
     image_size: Optional[int] = None
     loader: str = "auto"  # imagenet: auto (DALI on CUDA when installed) | dali | torchvision
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -208,6 +209,13 @@ class LoggerConfig:
 
 
 @dataclass
+class PathsConfig:
+    """Folders set once per machine (NULSQ_DATA, or configs/local/default.yaml)."""
+
+    data_dir: str = "${oc.env:NULSQ_DATA,data}"  # every dataset's default root is <data_dir>/<name>
+
+
+@dataclass
 class Config:
     experiment: str = "default"  # run group: the experiment (table row) name
     table: Optional[str] = None  # the paper table this run reproduces
@@ -220,6 +228,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 def register_schema() -> None:

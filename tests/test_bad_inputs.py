@@ -104,7 +104,7 @@ def test_empty_dataset_root(tmp_path):
     empty = tmp_path / "cifar"
     empty.mkdir()
     out = _fail(tmp_path, "dataset=cifar10", f"dataset.root={empty}", "dataset.image_size=null",
-                match="CIFAR-10 not found")
+                "dataset.download=false", match="CIFAR-10 not found")
     _no_result(out)
     _fail(tmp_path, "dataset=imagenet", f"dataset.root={empty}", match="train does not exist")
 
@@ -239,8 +239,8 @@ def test_wandb_online_without_credentials_falls_back_to_offline(tmp_path, monkey
 # -- the real CLI: exit status 2, the message as the last line, no traceback ------------------
 
 
-def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+def _cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, **(env or {})}
     env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "train.py", "logger=none", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -283,3 +283,44 @@ def test_cli_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
     assert summary["status"] == "failed" and "NaNLossError" in summary["error"]
     assert load_runs([tmp_path])[0] == []
     assert math.isfinite(summary.get("fp_top1", 0.0))
+
+
+# -- downloads and data folders through the real CLI -------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_weights_download_cut_off_midway_leaves_nothing_in_the_cache(tmp_path):
+    from local_server import Route, local_server
+    from pytorchcv.models.common import model_store
+
+    arch = "preresnet20_cifar10"
+    error, sha1, release = model_store.get_model_name_suffix_data(arch)
+    name = f"{arch}-{error}-{sha1[:8]}.pth"
+    cache = tmp_path / "torch_models"
+    with local_server() as server:
+        server.routes[f"/mirror/releases/download/{release}/{name}.zip"] = Route(
+            b"PK\x03\x04" + bytes(1000), declared=100_000)
+        proc = _cli(tmp_path, *BASE, "model.pretrained=true", f"model.cache_dir={cache}",
+                    f"trainer.output_dir={tmp_path / 'run'}",
+                    env={"NULSQ_PYTORCHCV_URL": f"{server.url}/mirror", "NO_PROXY": "127.0.0.1"})
+    assert server.requests, "the CLI never reached the local server"
+    _one_line_error(proc, "could not download pytorchcv weights", name, "nothing was left", "curl")
+    assert not cache.exists() or not any(cache.iterdir())
+    _no_result(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_cli_nulsq_data_that_does_not_exist(tmp_path):
+    proc = _cli(tmp_path, *BASE, f"trainer.output_dir={tmp_path / 'run'}",
+                env={"NULSQ_DATA": str(tmp_path / "nowhere")})
+    _one_line_error(proc, f"NULSQ_DATA={tmp_path / 'nowhere'} does not exist")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cli_cifar_with_download_false_and_no_data_names_the_path(tmp_path):
+    proc = _cli(tmp_path, *BASE, "dataset=cifar10", "dataset.image_size=null", "dataset.download=false",
+                f"paths.data_dir={tmp_path}", f"trainer.output_dir={tmp_path / 'run'}")
+    _one_line_error(proc, "CIFAR-10 not found", str(tmp_path / "cifar10" / "cifar-10-batches-py"))
+    assert not (tmp_path / "cifar10").exists()
+    _no_result(tmp_path / "run")

@@ -200,17 +200,24 @@ def test_ranks_above_zero_send_hydra_output_to_a_scratch_folder():
     assert cfg.trainer.epochs == 3
 
 
+SLURM_ENV = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "8",
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[3-4]",
+             "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}
+
+
 def test_a_multi_task_submitit_slurm_job_becomes_a_torchrun_environment(monkeypatch):
-    env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "8",
-           "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[3-4]",
-           "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}
-    monkeypatch.setattr(os, "environ", dict(env))
+    # submitit comes with the slurm extra; a job it launched always has it.
+    pytest.importorskip("submitit")
+    monkeypatch.setattr(os, "environ", dict(SLURM_ENV))
     D._export_submitit_env()
     assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
         "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu3"}
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
-    # A plain `python train.py` inside an sbatch script is one process, whatever SLURM_NTASKS says.
-    monkeypatch.setattr(os, "environ", {k: v for k, v in env.items() if k != "SUBMITIT_EXECUTOR"})
+
+
+def test_a_plain_run_inside_an_sbatch_script_stays_one_process(monkeypatch):
+    """Whatever SLURM_NTASKS says, without submitit's launch marker (needs no submitit)."""
+    monkeypatch.setattr(os, "environ", {k: v for k, v in SLURM_ENV.items() if k != "SUBMITIT_EXECUTOR"})
     D._export_submitit_env()
     assert "WORLD_SIZE" not in os.environ and D.init_distributed("cpu") == D.DistInfo()
 

@@ -40,6 +40,9 @@ LAYOUT = "<root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG"
 LOADERS = ("auto", "dali", "torchvision")
 DALI_INSTALL = "pip install -e '.[dali]' (NVIDIA DALI for CUDA 13)"
 CHECK = "python scripts/check_imagenet.py <dataset.root> lists every unreadable file"
+# ImageNet is never downloaded (its licence needs a login): every missing-data error says how to
+# lay it out and where the steps are.
+PREPARE = f"expected {LAYOUT}; ImageNet is never downloaded, see docs/imagenet.md#preparing-imagenet"
 
 
 def train_transform(image_size: int, flip: bool) -> Callable:
@@ -218,11 +221,11 @@ def first_unreadable(paths: Sequence[str]) -> tuple[str, str] | None:
 def scan_folder(path: Path) -> datasets.ImageFolder:
     """ImageFolder at `path` (transform applied later), or a UserError naming what is missing."""
     if not path.is_dir():
-        raise UserError(f"ImageNet folder {path} does not exist; expected {LAYOUT}")
+        raise UserError(f"ImageNet folder {path} does not exist; {PREPARE}")
     try:
         return datasets.ImageFolder(str(path))
     except FileNotFoundError as error:  # no class folders, or classes without images
-        raise UserError(f"no images under {path} ({error}); expected {LAYOUT}") from error
+        raise UserError(f"no images under {path} ({error}); {PREPARE}") from error
 
 
 @DATASETS.register("imagenet")
@@ -241,10 +244,10 @@ def build_imagenet(
     """
     root = setting(cfg, "root", None)
     if root is None:
-        raise UserError(f"dataset.root is not set; point it at the ImageNet folder ({LAYOUT})")
+        raise UserError(f"dataset.root is not set; point it at the ImageNet folder; {PREPARE}")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise UserError(f"dataset.root {root} does not exist; expected {LAYOUT}")
+        raise UserError(f"dataset.root {root} does not exist; {PREPARE}")
     augment = augment_spec(cfg.get("augment", None), AugmentSpec(crop_padding=0, flip=True))
     if augment.crop_padding:
         raise UserError(

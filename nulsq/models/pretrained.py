@@ -1,13 +1,11 @@
-"""Pretrained weights: find them in a library's own cache, read a file, load it strictly.
+"""Pretrained weights: read a file, load it strictly.
 
-Nothing here touches the network. A user offline either has the file in the cache the library
-itself would use (pytorchcv's model folder, the Hugging Face hub cache for timm), or points
-`model.pretrained` at a local file; anything else is a UserError naming the file expected.
+Nothing here touches the network: where a library's file comes from (its cache, else its own
+download) is `nulsq.models.fetch`; `model.pretrained=/path` names a local file directly.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +27,6 @@ NESTING_KEYS = ("state_dict", "model", "state_dict_ema")
 SHOWN_KEYS = 3
 
 StateDict = dict[str, torch.Tensor]
-WeightStore = Callable[[nn.Module, str, "str | None"], Path]
 
 
 def _torch_reader(path: Path) -> Any:
@@ -170,81 +167,3 @@ def load_pretrained(model: nn.Module, path: str | Path, label: str) -> None:
             "weights and kept the classifier freshly initialised",
             path, head, file_classes, expected[head_keys[0]].shape[0],
         )
-
-
-def cached_weights(source: str, model: nn.Module, arch: str, cache_dir: str | None) -> Path:
-    """The file a library's own pretrained loader would use, if it is already on disk.
-
-    Args:
-        source: "timm" or "pytorchcv".
-        model: the built network (timm's carries its pretrained_cfg, hence its hub repo).
-        arch: the library's architecture name.
-        cache_dir: the cache folder; None for the library's default.
-
-    Raises:
-        UserError: the file is not there, naming it, the folder, and the offline alternative.
-    """
-    store = WEIGHT_STORES.get(source)
-    if store is None:
-        raise UserError(
-            f"no pretrained weight store for model source '{source}' (known: "
-            f"{', '.join(sorted(WEIGHT_STORES))}); {OFFLINE_HINT}"
-        )
-    return store(model, arch, cache_dir)
-
-
-OFFLINE_HINT = "or set model.pretrained=/path/to/file, which works offline"
-
-
-def _pytorchcv_file(model: nn.Module, arch: str, cache_dir: str | None) -> Path:
-    from pytorchcv.models.common import model_store
-
-    try:
-        error, sha1, release = model_store.get_model_name_suffix_data(arch)
-    except ValueError as err:
-        raise UserError(f"pytorchcv has no pretrained weights for {arch}; {OFFLINE_HINT}") from err
-    # pytorchcv's own naming, as in model_store.get_model_file (which would download if absent).
-    file_name = f"{arch}-{error}-{sha1[:8]}.pth"
-    default_root = inspect.signature(model_store.get_model_file).parameters[
-        "local_model_store_dir_path"
-    ].default
-    folder = Path(cache_dir or default_root).expanduser()
-    path = folder / file_name
-    if path.is_file():
-        return path
-    url = f"{model_store.imgclsmob_repo_url}/releases/download/{release}/{file_name}.zip"
-    raise UserError(
-        f"pretrained weights for pytorchcv {arch} are not cached: expected {file_name} in "
-        f"{folder} (unzipped from {url}); put it there, {OFFLINE_HINT}"
-    )
-
-
-def _timm_file(model: nn.Module, arch: str, cache_dir: str | None) -> Path:
-    from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.file_download import repo_folder_name
-
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    hub_id = cfg.get("hf_hub_id")
-    if not hub_id:
-        raise UserError(f"timm has no Hugging Face hub weights for {arch}; {OFFLINE_HINT}")
-    repo, _, revision = hub_id.partition("@")
-    # timm's own order of preference (timm.models._hub.load_state_dict_from_hf).
-    names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else [
-        "model.safetensors",
-        "pytorch_model.bin",
-    ]
-    for name in names:
-        found = try_to_load_from_cache(repo, name, cache_dir=cache_dir, revision=revision or None)
-        if isinstance(found, str):
-            return Path(found)
-    folder = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
-    snapshot = folder / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots" / "<revision>"
-    raise UserError(
-        f"pretrained weights for timm {arch} are not in the Hugging Face cache {folder}: expected "
-        f"{snapshot / names[0]} (hub repo {repo}; fetch it where there is internet with "
-        f"`huggingface-cli download {repo} {names[0]} --cache-dir {folder}`), {OFFLINE_HINT}"
-    )
-
-
-# model source (ModelSpec.source) -> where that library caches a pretrained file
-WEIGHT_STORES: dict[str, WeightStore] = {"pytorchcv": _pytorchcv_file, "timm": _timm_file}

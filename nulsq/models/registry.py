@@ -14,7 +14,8 @@ from typing import Any, Callable
 from torch import nn
 
 from nulsq.errors import UserError
-from nulsq.models.pretrained import cached_weights, classifier_name, load_pretrained
+from nulsq.models.fetch import library_weights
+from nulsq.models.pretrained import classifier_name, load_pretrained
 from nulsq.registry import Registry
 
 
@@ -148,24 +149,46 @@ def _weights_path(
     if pretrained is None or pretrained is False:
         return None
     if pretrained is True:
-        return cached_weights(spec.source, model, arch, cache_dir)
+        return library_weights(spec.source, model, arch, cache_dir)
     if isinstance(pretrained, (str, Path)):
         return Path(pretrained)
     raise UserError(
         f"model.pretrained={pretrained!r} is not understood; use false, true (the library's "
-        f"cache) or a path to a weights file"
+        f"cache, else its download) or a path to a weights file"
     )
+
+
+def _tagged(spec: ModelSpec, arch: str, tag: str | None) -> str:
+    """timm's `arch.tag`, which selects the pretrained weights (hub repo) the model carries."""
+    if not tag:
+        return arch
+    if spec.source != "timm":
+        raise UserError(
+            f"model.pretrained_tag applies to timm models only; {spec.name} comes from "
+            f"{spec.source}: set it to null"
+        )
+    import timm
+
+    tags = [name.partition(".")[2] for name in timm.list_pretrained(f"{arch}.*")]
+    if tag not in tags:
+        raise UserError(
+            f"timm {arch} has no pretrained tag '{tag}'; valid tags: {', '.join(tags)}"
+        )
+    return f"{arch}.{tag}"
 
 
 def build(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     """Build the FP network `cfg.name` for `num_classes` classes and load its weights.
 
-    The library constructor always runs with pretrained=False, so nothing is ever downloaded.
+    The library constructor always runs with pretrained=False; `model.pretrained=true` then takes
+    the library's own file (its cache, else its download: nulsq.models.fetch).
 
     Args:
         cfg: the model config: `name` (a registered model), `pretrained` (false | true | path,
             default false), optional `input_size` (null = the model's own), optional
-            `cache_dir` (null = the library's default cache; used when pretrained is true).
+            `cache_dir` (null = the library's default cache; used when pretrained is true),
+            optional `pretrained_tag` (timm only: which of the architecture's weights, e.g.
+            "tv_in1k"; null = timm's default).
         num_classes: outputs of the classifier; a pretrained head of another size is replaced
             by a fresh one (with a warning).
 
@@ -187,7 +210,7 @@ def build(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
             f"model.input_size={input_size} is too small for {spec.name}; "
             f"use at least {spec.min_input_size} (or null for {spec.input_size})"
         )
-    arch = spec.arch_for(num_classes)
+    arch = _tagged(spec, spec.arch_for(num_classes), cfg.get("pretrained_tag"))
     model = SOURCES.get(spec.source)(arch, num_classes, spec.size_kwargs(input_size))
     cache_dir = cfg.get("cache_dir")
     path = _weights_path(cfg.get("pretrained", False), spec, model, arch, cache_dir)

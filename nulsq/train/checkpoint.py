@@ -40,7 +40,8 @@ _WANDB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _RESUME_FREE_KEYS = ("trainer.resume", "trainer.trust_checkpoint", "trainer.max_steps",
                      "trainer.output_dir", "trainer.device", "trainer.compile", "trainer.log_interval",
                      "logger", "dataset.num_workers", "dataset.root", "init.from_run",
-                     "model.pretrained", "model.cache_dir")
+                     "model.pretrained", "model.cache_dir", "model.pretrained_tag", "dataset.download",
+                     "paths")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from nulsq.errors import UserError
+from nulsq.paths import check_data_dir
 from nulsq.train.plan import StagePlan, build_stage_optim, plan_stages
 
 
@@ -163,6 +164,7 @@ def preflight(cfg: DictConfig, output_dir: Path | None = None, output_key: str =
     resolve_runtime(cfg.trainer)
     stages = plan_stages(cfg)
     check_names(cfg, stages)
+    check_data_dir(cfg.paths.data_dir)
     check_data_root(cfg.dataset)
     if output_dir is not None:
         check_output_dir(output_dir, output_key)

@@ -34,6 +34,7 @@ from nulsq.train.guards import StepSizeError
 from nulsq.train.loop import NaNLossError
 
 from conftest import CONFIG_DIR, ROOT, compose_config
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # `table` set, so that a run wrongly marked finished would count in make_tables.
@@ -290,8 +291,9 @@ def test_cli_nan_loss_keeps_the_last_good_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_cli_weights_download_cut_off_midway_leaves_nothing_in_the_cache(tmp_path):
-    from local_server import Route, local_server
     from pytorchcv.models.common import model_store
+
+    from local_server import Route, local_server
 
     arch = "preresnet20_cifar10"
     error, sha1, release = model_store.get_model_name_suffix_data(arch)

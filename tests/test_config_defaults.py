@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CONFIG_DIR, compose_config
 from omegaconf import OmegaConf
 
 from nulsq.config import Config
+
+from conftest import CONFIG_DIR, compose_config
 
 # Groups whose files are options of one config node (experiment and hparams files are
 # `@package _global_` overlays that state a paper recipe in full).

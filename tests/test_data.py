@@ -15,8 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from nulsq.data import DATASETS, DataBundle, Loader, build
-from nulsq.data import cifar, digits, synthetic
+from nulsq.data import DATASETS, DataBundle, Loader, build, cifar, digits, synthetic
 from nulsq.data.augment import AugmentSpec, crop_flip
 from nulsq.data.split import shard_range, stratified_split
 from nulsq.data.tensor_loader import TensorLoader

@@ -33,6 +33,7 @@ from nulsq.train import distributed as D
 from nulsq.train import run
 
 from conftest import CONFIG_DIR, ROOT, compose_config
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = "tiny_plain_cnn"  # registered by this test only

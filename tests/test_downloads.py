@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from local_server import Route, closed_port_url, local_server
 from safetensors.torch import save as save_safetensors
 
 from nulsq.errors import UserError
 from nulsq.models import build
 from nulsq.models.fetch import PYTORCHCV_URL_ENV
+
+from local_server import Route, closed_port_url, local_server
 
 PYTORCHCV_ARCH = "preresnet20_cifar10"
 RELEASE = "v0.0.1"

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 from omegaconf import OmegaConf
 
 from nulsq.errors import UserError
 from nulsq.evaluation import evaluate_checkpoint
+
+from conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 
 from nulsq.errors import UserError
@@ -22,6 +21,8 @@ from nulsq.export.runtime import load_runtime
 from nulsq.quant import QUANTIZERS, initialize_quantizers
 from nulsq.quant.base import Quantizer
 from nulsq.train.build import build_model
+
+from conftest import ROOT, compose_config
 
 KINDS = ["lsq", "nulsq_a", "nulsq_w", "nulsq_wa", "lcq", "lcq_apot_type", "pact", "apot", "dorefa",
          "lqnets"]

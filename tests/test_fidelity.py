@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -24,6 +23,8 @@ from nulsq.quant import functional as F
 from nulsq.quant import initialize_quantizers, quantize_model
 from nulsq.quant.quantizers import DynamicMaxQuantizer, LSQQuantizer, NuLSQQuantizer
 from nulsq.results import aggregate, load_runs, render_table
+
+from conftest import compose_config
 
 # -- init.protocol ------------------------------------------------------------------------------
 

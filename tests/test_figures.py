@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import compose_config
 from matplotlib.text import Text
 from torch import nn
 
@@ -41,6 +40,8 @@ from nulsq.quant.rivals.dorefa import DoReFaQuantizer
 from nulsq.quant.rivals.lcq import LCQQuantizer
 from nulsq.quant.rivals.lqnets import LQNetsQuantizer
 from nulsq.quant.rivals.pact import PACTQuantizer
+
+from conftest import compose_config
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

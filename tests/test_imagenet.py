@@ -318,9 +318,9 @@ def test_a_dali_run_stopped_mid_epoch_and_resumed_ends_as_the_uninterrupted_one(
 ) -> None:
     """The trainer's set_epoch(epoch, skip) resume path on the DALI loader (3 steps per epoch,
     stopped after 4: mid-epoch 2), the quantizer initialisation's partial pass included."""
-    from conftest import compose_config
-
     from nulsq.train import run
+
+    from conftest import compose_config
 
     def overrides(out: Path, *extra: str) -> list[str]:
         return [

@@ -21,7 +21,6 @@ from nulsq.train import run
 
 from conftest import ROOT, compose_config
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

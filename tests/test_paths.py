@@ -7,12 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CONFIG_DIR, compose_config
 from hydra import compose, initialize_config_dir
 
 from nulsq.config import validate
 from nulsq.errors import UserError
 from nulsq.paths import check_data_dir
+
+from conftest import CONFIG_DIR, compose_config
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet"])

@@ -165,10 +165,10 @@ def test_plot_levels_cli_wires_run_loading_and_data(tmp_path: Path, monkeypatch)
 # -- plot_levels on an export folder: weight and activation levels from the manifest ----------------
 @pytest.mark.slow  # 44 panels: matplotlib takes several seconds
 def test_plot_levels_draws_an_export_without_model_or_data(tmp_path, monkeypatch, capsys) -> None:
-    from test_export import IMAGE, tiny_quantized_model
-
     from nulsq.export.exporter import export_model
     from nulsq.export.format import read_export
+
+    from test_export import IMAGE, tiny_quantized_model
 
     model, cfg = tiny_quantized_model("nulsq_wa")
     export_model(model, cfg, {"num_classes": 10, "image_size": IMAGE}, tmp_path / "exp")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, compose_config
 
 from nulsq import data
 from nulsq.errors import UserError
@@ -19,6 +18,8 @@ from nulsq.quant.convert import accepted_args
 from nulsq.train import run
 from nulsq.train.plan import plan_stages
 from nulsq.train.preflight import preflight
+
+from conftest import ROOT, compose_config
 
 # A long FP stage first (the default demo's shape): a mistake found after it would cost its epochs.
 FP_FIRST = ["dataset=synthetic", "dataset.num_train=64", "dataset.num_val=32", "dataset.batch_size=16",

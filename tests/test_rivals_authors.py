@@ -1,5 +1,6 @@
 """The rivals' switches that follow the authors' / official code (issue #12 item 4), on small float64
-cases whose expected gradients are written out from what that code computes (docs/fidelity.md, "Rival quantizers"):
+cases whose expected gradients are written out from what that code computes (docs/fidelity.md,
+"Rival quantizers"):
 
 - LCQ `grad: authors`: dy/dx = 1 for |x| < alpha, dy/dalpha = (y - x)/alpha inside, sign(x) outside;
   the companding parameters' gradient is the one through the compander in both modes.

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config
 
 from nulsq.errors import UserError
 from nulsq.safe_load import load_numpy_pickle, load_torch_file
 from nulsq.train import checkpoint as C
 from nulsq.train import run
+
+from conftest import ROOT, compose_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import compose_config
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from nulsq.config import validate
 from nulsq.errors import UserError
+
+from conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "table5_resnet18_2bit"

@@ -25,7 +25,6 @@ computes the step from its input, as the fake-quant model does.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Callable
 

@@ -14,8 +14,9 @@ compares per element; wider ones by a binary search over the thresholds.
 
 The ops are `torch.library.triton_op`s, so that with NULSQ_COMPILE_FUSION=0 torch.compile can
 trace into them and launch the kernels from its generated code (by default, compiled graphs use
-the `fusable` formulation instead, which inductor fuses with the neighbouring layers). Under TRITON_INTERPRET=1 (set before importing this module)
-the same kernels run on CPU tensors, which is how the CPU-only tests check them.
+the `fusable` formulation instead, which inductor fuses with the neighbouring layers). Under
+TRITON_INTERPRET=1 (set before importing this module) the same kernels run on CPU tensors, which
+is how the CPU-only tests check them.
 """
 
 from __future__ import annotations

@@ -73,6 +73,12 @@ class ScheduleName(Choice):
     constant = "constant"
 
 
+class ImageLoader(Choice):
+    auto = "auto"  # DALI on CUDA when it is installed, else torchvision
+    dali = "dali"  # NVIDIA DALI: JPEG decoding and augmentation on the GPU (CPU backend on CPU)
+    torchvision = "torchvision"  # PIL decoding in DataLoader workers
+
+
 class Device(Choice):
     auto = "auto"  # CUDA if visible, else CPU
     cpu = "cpu"
@@ -105,7 +111,7 @@ class DatasetConfig:
     num_workers: int = 4
     download: Any = "auto"  # auto (fetch CIFAR when absent) | true | false (never touch the network)
     image_size: Optional[int] = None
-    loader: str = "auto"  # imagenet: auto (DALI on CUDA when installed) | dali | torchvision
+    loader: ImageLoader = ImageLoader.auto  # imagenet only
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # synthetic only
     num_train: int = 512

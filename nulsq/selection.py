@@ -16,6 +16,7 @@ run (a diverging seed) is listed but not eligible.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from collections import Counter
@@ -25,9 +26,11 @@ from typing import Any
 
 import yaml
 
+from nulsq.cli import report_user_errors
 from nulsq.errors import UserError
 from nulsq.results import config_value as _get
 from nulsq.results import experiment_setting, find_run_dirs, setting_id
+from nulsq.train.checkpoint import atomic_write_text
 
 # The search protocol (the hparams grids set these): dropped from the final runs' command line,
 # which trains the experiment's own length on the full training set.
@@ -277,3 +280,48 @@ def render(selections: list[Selection], sweep_dir: Path, skipped: Counter) -> st
                       f"python train.py {' '.join(base_overrides(sel) + [f'hparams={sel.name}'])}",
                       f"python train.py {' '.join(final)}   # the same, spelled out", "```", ""]
     return "\n".join(lines)
+
+
+# -- the command line (scripts/select.py) ------------------------------------------------------------
+
+HPARAMS_DIR = Path(__file__).resolve().parents[1] / "configs" / "hparams"
+
+
+def write_selection(sweep_dir: Path, hparams_dir: Path, seeds: list[int], out: Path | None) -> list[str]:
+    """Rank, write the table and one hparams file per winner; returns the lines to print."""
+    runs, skipped = load_search_runs(sweep_dir)
+    selections = select(runs)
+    table = out or sweep_dir / "selection.md"
+    atomic_write_text(table, render(selections, sweep_dir, skipped))
+    printed = [f"wrote {table}"]
+    for sel in selections:
+        winner = sel.winner
+        if winner is None:
+            printed.append(f"{sel.name}: no eligible setting (see {table})")
+            continue
+        path = hparams_dir / f"{sel.name}.yaml"
+        atomic_write_text(path, hparams_yaml(sel, seeds, sweep_dir))
+        chosen = " ".join(winning_overrides(sel)) or "(the only setting)"
+        printed += [f"{sel.name}: {chosen}: held-out top-1 {winner.mean:.2f} over "
+                    f"{len(winner.scores)} seeds; wrote {path}",
+                    "  final runs: python train.py "
+                    + " ".join(base_overrides(sel) + [f"hparams={sel.name}"])]
+    if skipped:
+        printed.append("skipped runs: " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
+    return printed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Select the best setting of a hyperparameter sweep")
+    parser.add_argument("sweep", type=Path, help="the sweep's folder (searched recursively for runs)")
+    parser.add_argument("--hparams-dir", type=Path, default=HPARAMS_DIR,
+                        help="the hparams folder: writes selected/<experiment>_<method>.yaml there "
+                             "(default: configs/hparams)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                        help="trainer.seed values of the final runs (default: 0 1 2 3 4)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the ranking table (default: <sweep>/selection.md)")
+    args = parser.parse_args(argv)
+    printed = report_user_errors(lambda: write_selection(args.sweep, args.hparams_dir, args.seeds, args.out))
+    print("\n".join(printed))
+    return 0

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
+from nulsq.config import ImageLoader
 from nulsq.data.augment import AugmentSpec, augment_spec
 from nulsq.data.bundle import DATASETS, DataBundle, mix_seed, rank_batch_sizes, setting
 from nulsq.data.split import holdout, shard_range, val_fraction
@@ -37,7 +38,7 @@ SCALE = (0.08, 1.0)  # RandomResizedCrop's area fraction range
 RATIO = (3 / 4, 4 / 3)  # and aspect ratio range
 INTERPOLATION = InterpolationMode.BILINEAR  # with antialiasing (PIL's resize always has it)
 LAYOUT = "<root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG"
-LOADERS = ("auto", "dali", "torchvision")
+LOADERS = ImageLoader.values()  # the schema's list (a bad value is refused while composing)
 DALI_INSTALL = "pip install -e '.[dali]' (NVIDIA DALI for CUDA 13)"
 CHECK = "python scripts/check_imagenet.py <dataset.root> lists every unreadable file"
 # ImageNet is never downloaded (its licence needs a login): every missing-data error says how to

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save as save_safetensors
@@ -35,26 +34,14 @@ QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
 # -- reading a run -----------------------------------------------------------------------------------
 
-def _checkpoint_globals() -> list:
-    """What a training checkpoint holds besides tensors and plain data: numpy's RNG state."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
 def read_checkpoint(path: Path) -> dict:
-    """The one place the exporter reads a training checkpoint: torch.load with weights_only=True
-    (tensors and plain data only, never code); unreadable files are a UserError."""
-    try:
-        with torch.serialization.safe_globals(_checkpoint_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (any unpickling failure means a corrupt file)
-        raise UserError(f"checkpoint {path} is corrupt or not a torch file ({type(err).__name__})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "stage" not in ckpt:
-        raise UserError(f"{path} is not a nulsq training checkpoint (no model/stage entry); pass a run "
+    """A training checkpoint, read as the trainer reads one (`nulsq.train.checkpoint.load_checkpoint`:
+    weights_only, tensors and plain data only, never code); anything else is a UserError."""
+    from nulsq.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    if "stage" not in ckpt:
+        raise UserError(f"{path} is not a nulsq training checkpoint (no stage entry); pass a run "
                         f"directory or its checkpoints/last.pt")
     return ckpt
 
@@ -80,7 +67,7 @@ def load_trained(source: str | Path) -> tuple[nn.Module, object, dict]:
     Refuses, one line each: a full-precision run, an unfinished run, a checkpoint without its
     run's config.yaml.
     """
-    from nulsq.train.build import build_model  # the trainer's own model construction
+    from nulsq.rundir import build_checkpoint_model
 
     run_dir, ckpt_path = locate_run(source)
     cfg_path = run_dir / "config.yaml"
@@ -101,9 +88,7 @@ def load_trained(source: str | Path) -> tuple[nn.Module, object, dict]:
     if ckpt["stage"] != "qat":
         raise UserError(f"{ckpt_path} is a checkpoint of the full-precision stage; export a finished "
                         f"QAT run")
-    model, _ = build_model(cfg, num_classes=ckpt["num_classes"], quantized=True, verbose=False,
-                           load_pretrained=False, image_size=ckpt.get("image_size"))
-    model.load_state_dict(ckpt["model"])
+    model = build_checkpoint_model(ckpt_path, ckpt, cfg)  # the trainer's construction, checked
     info = {"run_dir": str(run_dir), "checkpoint": str(ckpt_path), "num_classes": ckpt["num_classes"],
             "image_size": ckpt.get("image_size"), "top1": summary.get("top1")}
     return model.eval(), cfg, info

@@ -32,6 +32,7 @@ def check_values(cfg: DictConfig) -> None:
     """Values that can never train, rejected before any work."""
     from nulsq.protocol import check_switches
     from nulsq.rundir import resolve_checkpoint
+    from nulsq.train.checkpoint import load_checkpoint
 
     if cfg.trainer.epochs <= 0:
         raise UserError(f"trainer.epochs must be > 0, got {cfg.trainer.epochs}")
@@ -41,8 +42,8 @@ def check_values(cfg: DictConfig) -> None:
         raise UserError(f"trainer.max_steps must be > 0 or null, got {cfg.trainer.max_steps}")
     if cfg.pretrain.epochs < 0 or cfg.pretrain.lr <= 0:
         raise UserError("pretrain.epochs must be >= 0 and pretrain.lr > 0")
-    if cfg.init.from_run:  # a progressive run whose source is missing fails before any work
-        resolve_checkpoint(cfg.init.from_run)
+    if cfg.init.from_run:  # a progressive source that is missing, or unsafe, fails before any work
+        load_checkpoint(resolve_checkpoint(cfg.init.from_run), cfg.trainer.trust_checkpoint)
     if cfg.trainer.log_interval <= 0:
         raise UserError(f"trainer.log_interval must be > 0, got {cfg.trainer.log_interval}")
     if cfg.init.batches <= 0:

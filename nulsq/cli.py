@@ -131,7 +131,14 @@ def preflight_command_line(overrides: Sequence[str], config_dir: Path) -> None:
 
     from nulsq.config import validate
 
-    cfg = compose(overrides, config_dir, with_hydra=True)  # before importing torch: fast to fail
+    try:
+        cfg = compose(overrides, config_dir, with_hydra=True)  # before importing torch: fast to fail
+    except UserError as err:
+        if "Ambiguous value" in str(err):  # a sweep (a,b) that an hparams file makes a multirun:
+            return  # Hydra runs it, and each job checks itself in run()
+        raise
+    if str(OmegaConf.select(cfg, "hydra.mode", default="")).endswith("MULTIRUN"):
+        return  # an hparams file (hydra.mode: MULTIRUN) makes this a sweep: each job checks itself
     try:
         run_dir = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=True)
     except Exception:  # noqa: BLE001  (a resolver only Hydra's run provides: Hydra checks it)

@@ -323,6 +323,7 @@ def test_cli_nulsq_data_that_does_not_exist(tmp_path):
 def test_cli_cifar_with_download_false_and_no_data_names_the_path(tmp_path):
     proc = _cli(tmp_path, *BASE, "dataset=cifar10", "dataset.image_size=null", "dataset.download=false",
                 f"paths.data_dir={tmp_path}", f"trainer.output_dir={tmp_path / 'run'}")
-    _one_line_error(proc, "CIFAR-10 not found", str(tmp_path / "cifar10" / "cifar-10-batches-py"))
+    # The preflight catches it before any data is read: the missing root, named, and the way out.
+    _one_line_error(proc, f"dataset.root {tmp_path / 'cifar10'} does not exist", "dataset.download")
     assert not (tmp_path / "cifar10").exists()
     _no_result(tmp_path / "run")

@@ -89,9 +89,11 @@ def test_output_dir_under_a_file_is_refused_before_data(tmp_path, no_data):
 
 
 def test_missing_data_root_is_refused_before_data(tmp_path, no_data):
+    # dataset.download=auto (the default) would fetch CIFAR into a missing root: only with
+    # download off is a missing root a mistake.
     with pytest.raises(UserError, match=r"dataset.root .*nowhere does not exist"):
         run(compose_config([*FP_FIRST, "dataset=cifar10", f"dataset.root={tmp_path / 'nowhere'}",
-                            f"trainer.output_dir={tmp_path / 'run'}"]))
+                            "dataset.download=false", f"trainer.output_dir={tmp_path / 'run'}"]))
 
 
 def test_the_plan_shows_both_stages_with_their_own_optimizers():

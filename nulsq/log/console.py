@@ -19,6 +19,23 @@ FILE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
 PACKAGE = "nulsq"
 
 
+class CurrentStdout(logging.StreamHandler):
+    """A StreamHandler writing to whatever `sys.stdout` is when a line is emitted: W&B's console
+    capture (and pytest's) replace sys.stdout after this handler exists, and a handler holding the
+    old stream would write past them."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # noqa: ANN201  (a text stream)
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ and setStream assign it: follow sys
+        pass
+
+
 def _reached_handlers() -> list[logging.Handler]:
     """The handlers a record of a "nulsq.*" logger reaches (the package's, then its ancestors')."""
     found: list[logging.Handler] = []
@@ -47,7 +64,7 @@ def attach_run_log(run_dir: Path) -> logging.Handler | None:
     if package.getEffectiveLevel() > logging.INFO:
         package.setLevel(logging.INFO)
     if not _reached_handlers():  # plain Python, nothing configured: lines to stdout, as print did
-        console = logging.StreamHandler(sys.stdout)
+        console = CurrentStdout()
         console.setFormatter(logging.Formatter("%(message)s"))
         package.addHandler(console)
     path = (Path(run_dir) / RUN_LOG).resolve()

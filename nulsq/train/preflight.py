@@ -109,7 +109,8 @@ def check_data_root(dataset_cfg: DictConfig) -> None:
     if not path.exists() and not dataset_cfg.get("download"):
         raise UserError(
             f"dataset.root {path} does not exist; point it at the {dataset_cfg.name} folder "
-            f"(see configs/dataset/{dataset_cfg.name}.yaml)"
+            f"(see configs/dataset/{dataset_cfg.name}.yaml), or let a downloadable set fetch itself "
+            f"there with dataset.download=auto"
         )
 
 

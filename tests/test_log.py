@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -318,7 +319,7 @@ def test_offline_wandb_run_is_readable(tmp_path: Path, wandb_dirs, caplog) -> No
     assert summary["summary"]["best_top1"] == 31.5 and summary["state"] == "finished"
     # run-level values: the run's mean images/s, not the last step's 900 committed at finish
     assert summary["summary"]["images_per_s"] == 1000.0 and summary["summary"]["top1"] == 30.0
-    assert any("[qat] epoch 1/1 step 1/2 loss 2.5000" in c["line"] for c in summary["console"])
+    # console capture: tests/test_log.py::test_console_lines_reach_wandb (a process of its own)
 
 
 def test_resumed_offline_run_holds_the_whole_history(tmp_path: Path, wandb_dirs, caplog) -> None:
@@ -352,3 +353,29 @@ def test_resumed_offline_run_holds_the_whole_history(tmp_path: Path, wandb_dirs,
     assert [history[s]["loss"] for s in (1, 2, 3, 4)] == [3.0, 2.0, 1.5, 1.0]  # not the lost 9.0
     assert history[2]["qat/val/top1"] == 20.0 and history[4]["qat/val/top1"] == 30.0
     assert sum("steps must not decrease" in r.getMessage() for r in caplog.records) == 0
+
+
+CONSOLE_SCRIPT = """
+import logging, sys
+from pathlib import Path
+from nulsq.log import build_logger
+logger = build_logger({"wandb": {"mode": "offline", "project": "nulsq-test"}}, Path(sys.argv[1]), {}, {},
+                      resume_id="abcd1234")
+logging.getLogger("nulsq").setLevel(logging.INFO)
+console = logging.StreamHandler(sys.stdout)  # the console handler train.py's logging set-up gives
+logging.getLogger("nulsq").addHandler(console)
+logging.getLogger("nulsq.train.progress").info("[qat] epoch 1/1 step 1/2 loss 2.5000")
+logger.finish({})
+"""
+
+
+def test_console_lines_reach_wandb(tmp_path: Path, wandb_dirs) -> None:
+    # In a process of its own: W&B captures the console of its process, and what earlier tests of
+    # a long pytest process did to sys.stdout (capture fixtures, wrapped streams) is not a user's.
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "WANDB_MODE": "offline"}
+    subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, str(run_dir)], check=True, env=env,
+                   capture_output=True, text=True, timeout=120)
+    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-abcd1234.wandb")
+    summary = json.loads(wandb_records(wandb_file, "--summary"))
+    assert any("[qat] epoch 1/1 step 1/2 loss 2.5000" in c["line"] for c in summary["console"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import types
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,18 @@ CONFIG_DIR = ROOT / "configs"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 register_schema()
+
+
+SCRIPTS = ROOT / "scripts"
+
+
+def load_script(name: str, prefix: str = "script") -> types.ModuleType:
+    """scripts/<name>.py as a module named <prefix>_<name> (a prefix of its own gives a test file
+    its own instance)."""
+    spec = importlib.util.spec_from_file_location(f"{prefix}_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose_config(overrides: list[str] | None = None, logger: str = "none"):

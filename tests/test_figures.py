@@ -6,7 +6,6 @@ published line lies, the legend's texts, font sizes; the histograms against nump
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import sys
@@ -41,16 +40,12 @@ from nulsq.quant.rivals.lcq import LCQQuantizer
 from nulsq.quant.rivals.lqnets import LQNetsQuantizer
 from nulsq.quant.rivals.pact import PACTQuantizer
 
+import conftest
 from conftest import compose_config
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def load_script(name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"figures_script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_script(name, "figures_script")
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import types
@@ -17,14 +16,11 @@ from torch import nn
 from nulsq.errors import UserError
 from nulsq.quant.base import Quantizer
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+import conftest
 
 
 def load_script(name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_script(name, "script")
 
 
 plot_curves = load_script("plot_curves")

@@ -13,7 +13,6 @@ before the convolution). Layers the config leaves unquantized keep their float w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from nulsq.export.levels import QuantTable, activation_table, weight_table
 from nulsq.export.pack import pack_codes
 from nulsq.quant.base import Quantizer
 from nulsq.quant.convert import QuantConv2d, QuantLinear
+from nulsq.rundir import CHECKPOINT_DIR, last_checkpoint, read_summary
 from nulsq.train.checkpoint import atomic_write_bytes, atomic_write_json
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
@@ -50,13 +50,13 @@ def locate_run(source: str | Path) -> tuple[Path, Path]:
     """(run directory, checkpoint) of a run directory or of a checkpoint file inside one."""
     source = Path(source)
     if source.is_dir():
-        ckpt = source / "checkpoints" / "last.pt"
+        ckpt = last_checkpoint(source)
         if not ckpt.is_file():
-            raise UserError(f"{source} has no checkpoints/last.pt; pass a run directory of train.py "
-                            f"or a checkpoint file")
+            raise UserError(f"{source} has no {ckpt.relative_to(source)}; pass a run directory of "
+                            f"train.py or a checkpoint file")
         return source, ckpt
     if source.is_file():
-        run_dir = source.parent.parent if source.parent.name == "checkpoints" else source.parent
+        run_dir = source.parent.parent if source.parent.name == CHECKPOINT_DIR else source.parent
         return run_dir, source
     raise UserError(f"{source} does not exist; pass a run directory or a checkpoint file")
 
@@ -78,8 +78,7 @@ def load_trained(source: str | Path) -> tuple[nn.Module, object, dict]:
     if cfg.quantizer.weight is None and cfg.quantizer.act is None:
         raise UserError(f"{run_dir} is a full-precision run (quantizer {cfg.quantizer.name}): nothing "
                         f"to export as integer codes; export a quantized (QAT) run")
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_summary(run_dir)
     if summary.get("status") != "finished":
         status = summary.get("status", "no summary.json")
         raise UserError(f"{run_dir} is not a finished run (status: {status}); "

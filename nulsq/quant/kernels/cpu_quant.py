@@ -3,7 +3,7 @@
 Options measured on this project's 2-core machine (4M fp32 elements, forward + backward, 2 bits):
 torch.compile (inductor) of the reference maths: 80 ms after an 11 s compile, since bucketize and
 scatter_add do not fuse; a `torch.utils.cpp_extension.load_inline` build: 56 s for an empty
-function (torch's headers); plain C (cpu_quant.c, beside this file) with GCC vector extensions
+function (torch's headers); plain C (cpu_quant.c and cpu_common.h, beside this file) with GCC vector extensions
 (no torch headers): about 7 ms (0.17x PyTorch's fused LSQ op), built once per machine in 5-10 s
 with the system C compiler and cached under ~/.cache/nulsq/kernels. The library links the OpenMP
 runtime torch has already loaded (same soname), so both share one thread pool rather than two
@@ -37,8 +37,10 @@ from torch import Tensor
 from nulsq.quant import functional as F
 from nulsq.quant.kernels import dense, like
 
-# The C source is cpu_quant.c beside this file, shipped as package data (pyproject.toml).
-_C_FILE = "cpu_quant.c"
+# The C sources beside this file, shipped as package data (pyproject.toml), built into one library:
+# the shared header, LSQ and nuLSQ (cpu_quant.c), the rival quantizers (cpu_rivals.c).
+_HEADER = "cpu_common.h"
+_C_FILES = ("cpu_quant.c", "cpu_rivals.c")
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -74,9 +76,10 @@ def _compiler() -> str:
     raise RuntimeError("no C compiler found (install gcc or set CC)")
 
 
-def c_source() -> str:
-    """The kernels' C source (cpu_quant.c, package data)."""
-    return resources.files(__package__).joinpath(_C_FILE).read_text()
+def c_sources() -> dict[str, str]:
+    """The kernels' C sources (package data), file name -> text, header first."""
+    files = resources.files(__package__)
+    return {name: files.joinpath(name).read_text() for name in (_HEADER, *_C_FILES)}
 
 
 def build_library() -> Path:
@@ -89,21 +92,21 @@ def build_library() -> Path:
         RuntimeError: no compiler, or the compiler failed (its error output in the message).
     """
     cc = _compiler()
-    source = c_source()
+    sources = c_sources()
     key = hashlib.sha256(
-        "\n".join([source, cc, " ".join(_FLAGS), _cpu_signature()]).encode()
+        "\n".join([*sources.values(), cc, " ".join(_FLAGS), _cpu_signature()]).encode()
     ).hexdigest()[:16]
     path = _cache_dir() / f"nulsq_cpu_quant_{key}.so"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        src = Path(tmp) / "cpu_quant.c"
-        src.write_text(source)
+        for name, text in sources.items():
+            (Path(tmp) / name).write_text(text)
         out = Path(tmp) / path.name
         proc = subprocess.run(
-            [cc, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True,
-            timeout=600,
+            [cc, *_FLAGS, *(str(Path(tmp) / name) for name in _C_FILES), "-o", str(out), "-lm"],
+            capture_output=True, text=True, timeout=600,
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")

@@ -13,9 +13,10 @@ toward zero), with APoT's reparameterised clipping function (RCF) as gradients:
     for unsigned inputs 1 above alpha and 0 below zero);
     dy/dx = 1 inside (closed range); outside 0 (clipped STE) or 1 (unclipped STE).
 
-It is one autograd Function of elementwise code and two dot products (torch.compile fuses it):
-no bucketize on the fast path (fp32/bf16: the nearest level comes from nuLSQ's kernels, which
-classify x against the same grid in one pass), nothing saved but x / alpha and y.
+It is one autograd Function. In eager mode on the CPU (fp32/bf16) it is one C pass each way
+(kernels/cpu_rivals.c), saving x alone; elsewhere elementwise torch code and two dot products
+that torch.compile fuses, with no bucketize on fp32/bf16 (the nearest level comes from nuLSQ's
+kernels, which classify x against the same grid in one pass), saving x / alpha and y.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from nulsq.errors import UserError
 from nulsq.quant import functional as F
 from nulsq.quant.base import Quantizer
 from nulsq.quant.init import INITS
+from nulsq.quant.kernels import cpu_rivals
 from nulsq.registry import Registry
 
 # A weight normalisation maps w to (w_normalised, output_scale or None); the quantizer clips and
@@ -145,20 +147,32 @@ class _ClipProject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, magnitudes: Tensor, signed: bool, clipped: bool
                 ) -> Tensor:
+        ctx.signed, ctx.clipped = signed, clipped
+        ctx.fast = cpu_rivals.ready(x) and magnitudes.numel() <= cpu_rivals.MAX_LEVELS
+        if ctx.fast:  # one C pass; the backward recomputes P from x
+            ctx.save_for_backward(x, alpha, magnitudes)
+            return cpu_rivals.project_forward(x, alpha, magnitudes, signed)
         u = x / alpha
         p = project(u.clamp(-1.0 if signed else 0.0, 1.0), magnitudes, signed)
         y = F.cast(p * alpha, x.dtype)
         ctx.save_for_backward(x, u, alpha, y)
-        ctx.signed, ctx.clipped = signed, clipped
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
+        need_alpha = ctx.needs_input_grad[1]
+        if ctx.fast:
+            x, alpha, magnitudes = ctx.saved_tensors
+            dx, dalpha = cpu_rivals.project_backward(dy, x, alpha, magnitudes, ctx.signed,
+                                                     ctx.clipped, need_alpha)
+            if dalpha is not None:
+                dalpha = dalpha.reshape(alpha.shape).to(alpha.dtype)
+            return F.cast(dx, dy.dtype), dalpha, None, None, None
         x, u, alpha, y = ctx.saved_tensors
         inside = mask_grad(dy, u, -1.0 if ctx.signed else 0.0, 1.0, (True, True))
         dx = inside if ctx.clipped else dy
         dalpha = None
-        if ctx.needs_input_grad[1]:
+        if need_alpha:
             # sum dy * (P - u [inside]) = (dy . y - dy[inside] . x) / alpha
             dot = torch.dot(dy.reshape(-1), y.reshape(-1)) - torch.dot(inside.reshape(-1), x.reshape(-1))
             dalpha = (dot / alpha).reshape(alpha.shape).to(alpha.dtype)

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from nulsq.errors import UserError
 from nulsq.quant import functional as F
 from nulsq.quant.base import QUANTIZERS
+from nulsq.quant.kernels import cpu_rivals
 from nulsq.quant.rivals.clip_base import (
     STE_MODES,
     ClipQuantizer,
@@ -105,24 +106,33 @@ class _Compand(torch.autograd.Function):
     def forward(ctx, x: Tensor, alpha: Tensor, slopes: Tensor, offsets: Tensor, steps: int,
                 signed: bool, authors: bool) -> Tensor:
         cd = _compute_dtype(x)
-        xf = x.detach().to(cd).contiguous()
         a, sl, off = alpha.detach().to(cd), slopes.detach().to(cd), offsets.detach().to(cd)
         k_count = sl.numel()
+        # L g(v) = b_k + a_k (v K) on input interval k: the coefficient tables
+        knots = torch.arange(k_count, dtype=cd, device=x.device)
+        intercepts, slopes_vk = (off - sl * knots / k_count) * steps, sl * (steps / k_count)
+        out = _OutputTable(sl, off, steps)
+        ctx.steps, ctx.signed, ctx.authors = steps, signed, authors
+        ctx.fast = cpu_rivals.ready(x)
+        if ctx.fast:  # one C pass; the backward recomputes each element's cell from x
+            ctx.tables = cpu_rivals.CompanderTables(intercepts, slopes_vk, out.unit_levels * a,
+                                                    _BELOW_ONE[torch.float32])
+            ctx.out = out
+            ctx.save_for_backward(x, alpha, slopes, offsets)
+            return cpu_rivals.lcq_forward(x, alpha, ctx.tables, signed)
+        xf = x.detach().to(cd).contiguous()
         t = (xf.abs() if signed else xf) / a
         # v K with v clamped to [0, 1): its integer part is the interval k, never K (at v = 1
         # the top interval gives L g(v) = L as well)
         vk = t.clamp(0.0, _BELOW_ONE[cd]).mul_(k_count)
         k = vk.to(torch.int32)  # floor: vk >= 0
-        # L g(v) = a_k (v K) + b_k on interval k, rounded: the level q; cell = (k, q) in one int
-        knots = torch.arange(k_count, dtype=cd, device=x.device)
-        intercepts, slopes_vk = (off - sl * knots / k_count) * steps, sl * (steps / k_count)
+        # L g(v) rounded: the level q; cell = (k, q) in one int
         if torch.compiler.is_compiling():  # inductor fuses the gathers (it has no complex codegen)
             level = torch.addcmul(_gather(intercepts, k), _gather(slopes_vk, k), vk)
         else:  # eager: both coefficients from one gather of a complex table (b_k + i a_k)
             coefficients = torch.view_as_real(_gather(torch.complex(intercepts, slopes_vk), k))
             level = torch.addcmul(coefficients[..., 0], coefficients[..., 1], vk)
         cell = torch.add(level.round_(), k, alpha=steps + 1).to(torch.int32)
-        out = _OutputTable(sl, off, steps)
         # eager: the backward reuses these small tables (a traced graph recomputes them)
         ctx.out = None if torch.compiler.is_compiling() else out
         y = _gather((out.unit_levels * a).repeat(k_count), cell)  # the level of q, whatever k
@@ -132,11 +142,12 @@ class _Compand(torch.autograd.Function):
         if signed:
             y = torch.copysign(y, xf)
         ctx.save_for_backward(xf, t, y, cell, alpha, slopes, offsets)
-        ctx.steps, ctx.signed, ctx.authors = steps, signed, authors
         return F.cast(y, x.dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
+        if ctx.fast:
+            return _Compand.backward_fast(ctx, dy)
         xf, t, y, cell, alpha, slopes, offsets = ctx.saved_tensors
         steps, signed, authors = ctx.steps, ctx.signed, ctx.authors
         need_alpha, need_knots = ctx.needs_input_grad[1], any(ctx.needs_input_grad[2:4])
@@ -148,7 +159,7 @@ class _Compand(torch.autograd.Function):
         if authors:
             dx = inside
         else:  # gamma_k(v) / gamma_j(q)
-            ratio = (sl[:, None] / out.gamma_j[None, :]).reshape(-1).repeat_interleave(_LANES)
+            ratio = _ratio(sl, out).reshape(-1).repeat_interleave(_LANES)
             dx = inside * _gather(ratio, cell)
         sums = None
         if need_knots or (need_alpha and authors):
@@ -164,6 +175,29 @@ class _Compand(torch.autograd.Function):
             dslopes, doffsets = _knot_gradients(*sums, a, sl, out, steps)
             dslopes, doffsets = dslopes.to(slopes.dtype), doffsets.to(offsets.dtype)
         return F.cast(dx, dy.dtype), dalpha, dslopes, doffsets, None, None, None
+
+    @staticmethod
+    def backward_fast(ctx, dy: Tensor):
+        """The C kernel's backward: dx, the two dot products for alpha and the cells' sums."""
+        x, alpha, slopes, offsets = ctx.saved_tensors
+        need_alpha, need_knots = ctx.needs_input_grad[1], any(ctx.needs_input_grad[2:4])
+        out, sl = ctx.out, slopes.detach().float()
+        ratio = None if ctx.authors else _ratio(sl, out)
+        dx, dots, cells = cpu_rivals.lcq_backward(dy, x, alpha, ctx.tables, ctx.signed, ratio,
+                                                  need_knots)
+        a = alpha.detach().float()
+        dalpha = dslopes = doffsets = None
+        if need_alpha:  # (sum dy y - sum dx x) / alpha
+            dalpha = ((dots[0] - dots[1]).float() / a).reshape(alpha.shape).to(alpha.dtype)
+        if need_knots:
+            dslopes, doffsets = _knot_gradients(*cells.float(), a, sl, out, ctx.steps)
+            dslopes, doffsets = dslopes.to(slopes.dtype), doffsets.to(offsets.dtype)
+        return F.cast(dx, dy.dtype), dalpha, dslopes, doffsets, None, None, None
+
+
+def _ratio(sl: Tensor, out: _OutputTable) -> Tensor:
+    """(K, L + 1): dx's factor gamma_k(v) / gamma_j(q) per (input interval, level), `grad: compander`."""
+    return sl[:, None] / out.gamma_j[None, :]
 
 
 # Scatter lanes per cell (see the forward), and the lane of each element for the sizes seen.

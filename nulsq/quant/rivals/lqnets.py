@@ -23,8 +23,9 @@ per output channel of a weight, as LQ-Nets' official code does (its levels() is 
 is no single level set). `init.reduce` combines the per-batch steps (max or mean).
 
 Speed: the forward maps x to its level with nuLSQ's op (one pass: C on CPU, Triton on CUDA) on
-x - L_0 with steps L_i - L_(i-1); the QEM fit takes its per-level counts and sums from one pass
-per threshold up to 4 bits (`counts_and_sums`), and from a search beyond.
+x - L_0 with steps L_i - L_(i-1); the QEM fit takes its per-level counts and sums from one C pass
+on the CPU (eager, one basis), elsewhere from one pass per threshold up to 4 bits
+(`counts_and_sums`) and from a search beyond.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from nulsq.errors import UserError
 from nulsq.quant import functional as F
 from nulsq.quant.base import QUANTIZERS, Quantizer
 from nulsq.quant.init import INITS
+from nulsq.quant.kernels import cpu_rivals
 from nulsq.quant.rivals.clip_base import FAST_DTYPES, mask_grad
 
 STES = ("default", "identity", "top")
@@ -66,8 +68,13 @@ def counts_and_sums(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
     x: (rows, elements); levels: (rows, n) ascending. Element x belongs to level j when
     mid_(j-1) < x <= mid_j (ties to the lower level, as `nearest`). With few levels: from
     C(t) = #(x > t) and S(t) = sum of x over x > t at every midpoint t (relu(x - t) is > 0 exactly
-    when x > t, and sums to S(t) - t C(t)); no search, no scatter.
+    when x > t, and sums to S(t) - t C(t)); no search, no scatter. One row on the CPU in eager
+    mode (fp32/bf16): one C pass (kernels/cpu_rivals.c).
     """
+    if levels.shape[0] == 1 and levels.shape[1] <= cpu_rivals.MAX_LEVELS and cpu_rivals.ready(x):
+        mids = (levels[0, 1:] + levels[0, :-1]) / 2
+        counts, sums = cpu_rivals.level_stats(x, mids)
+        return counts.to(levels.dtype)[None], sums.to(levels.dtype)[None]
     if levels.shape[1] - 1 > _MAX_THRESHOLD_PASSES:
         idx = nearest(x, levels)
         counts = torch.zeros_like(levels).scatter_add_(1, idx, torch.ones_like(x))

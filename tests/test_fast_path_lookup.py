@@ -41,6 +41,8 @@ def test_disable_before_the_first_op_is_kept(fresh):
     assert F._kernel("lsq", torch.zeros(1)) is F._REFERENCE["lsq"]
 
 
-def test_the_c_source_is_package_data():
-    source = cpu_quant.c_source()
-    assert "nulsq_backward" in source and source.lstrip().startswith("/*")
+def test_the_c_sources_are_package_data():
+    sources = cpu_quant.c_sources()
+    assert list(sources) == ["cpu_common.h", "cpu_quant.c", "cpu_rivals.c"]
+    assert "nulsq_backward" in sources["cpu_quant.c"] and "lcq_backward" in sources["cpu_rivals.c"]
+    assert all(text.lstrip().startswith("/*") for text in sources.values())

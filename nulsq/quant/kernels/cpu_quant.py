@@ -3,11 +3,12 @@
 Options measured on this project's 2-core machine (4M fp32 elements, forward + backward, 2 bits):
 torch.compile (inductor) of the reference maths: 80 ms after an 11 s compile, since bucketize and
 scatter_add do not fuse; a `torch.utils.cpp_extension.load_inline` build: 56 s for an empty
-function (torch's headers); plain C (cpu_quant.c and cpu_common.h, beside this file) with GCC vector extensions
-(no torch headers): about 7 ms (0.17x PyTorch's fused LSQ op), built once per machine in 5-10 s
-with the system C compiler and cached under ~/.cache/nulsq/kernels. The library links the OpenMP
-runtime torch has already loaded (same soname), so both share one thread pool rather than two
-spinning against each other.
+function (torch's headers); plain C (cpu_quant.c and cpu_common.h, beside this file) with GCC
+vector extensions (no torch headers): about 7 ms (0.17x PyTorch's fused LSQ op), built once per
+machine in 5-10 s with the system C compiler and cached under ~/.cache/nulsq/kernels. The library
+links the OpenMP runtime torch has already loaded (same soname), so both share one thread pool
+rather than two spinning against each other. cpu_rivals.c (the rival quantizers' kernels,
+cpu_rivals.py) is built into the same library.
 
 Each kernel reads x (and dy) once and writes y (or dx) once, computing in fp32 whatever the input
 dtype (fp32 or bf16); the step gradients accumulate in fp32 blocks flushed to float64 per thread.

@@ -122,6 +122,56 @@ void project_backward(const void *dy, const void *x, void *dx, int64_t n, int dt
   }
 }
 
+/* ---- PACT's backward (rivals/pact.py; its forward is LSQ's kernel) ----
+   u = x / alpha. dx = dy on [0, 1) (unsigned) or (-1, 1) (signed); dL/dalpha = the sum of dy
+   over u >= 1, minus (signed) the sum over u <= -1. */
+void pact_backward(const void *dy, const void *x, void *dx, int64_t n, int dt, const float *alpha,
+                   int is_signed, float *dalpha, int nthreads) {
+  vf a = splat(*alpha), one = splat(1.f), lo = splat(is_signed ? -1.f : 0.f);
+  double partial[256] = {0};
+  int nt = threads_for(n, nthreads, 256);
+#define AT(i, valid) do {                                                  \
+    vf d = load(dy, i, DT, valid), u = load(x, i, DT, valid) / a;          \
+    vi inside = (is_signed ? u > lo : u >= lo) & (u < one);                \
+    if (dx) store(dx, i, keep(inside, d), DT, valid);                      \
+    acc += keep(u >= one, d);                                              \
+    if (is_signed) acc -= keep(u <= -one, d);                              \
+  } while (0)
+#define FLUSH() do { total += hsum(acc); acc = splat(0.f); } while (0)
+#define RANGE(DTV) do {                                                    \
+    const int DT = DTV; vf acc = splat(0.f); double total = 0.0;           \
+    FOR_VECTORS(b, e, AT, FLUSH); partial[tid] = total;                    \
+  } while (0)
+  PARALLEL(nt, n, if (dt == F32) RANGE(F32); else RANGE(BF16))
+#undef RANGE
+#undef FLUSH
+#undef AT
+  if (dalpha) {
+    double total = 0.0;
+    for (int t = 0; t < nt; t++) total += partial[t];
+    *dalpha = (float)total;
+  }
+}
+
+/* ---- the nearest of m ascending levels (LQ-Nets' forward, rivals/lqnets.py) ----
+   Ties (x on a midpoint) go to the lower level, as a search on the midpoints. */
+void nearest_forward(const void *x, void *y, int64_t n, int dt, const float *levels, int m,
+                     int nthreads) {
+  search_t s;
+  float mids[MAX_N + 1];
+  for (int j = 0; j + 1 < m; j++) mids[j] = (levels[j] + levels[j + 1]) / 2.f;
+  make_search(&s, mids, m - 1);
+  int nt = threads_for(n, nthreads, 256);
+#define AT(i, valid) do {                                                  \
+    vf xv = load(x, i, DT, valid);                                         \
+    store(y, i, gather(levels, count_below(xv, &s)), DT, valid);           \
+  } while (0)
+#define RANGE(DTV) do { const int DT = DTV; FOR_VECTORS(b, e, AT, NOTHING); } while (0)
+  PARALLEL(nt, n, if (dt == F32) RANGE(F32); else RANGE(BF16))
+#undef RANGE
+#undef AT
+}
+
 /* ---- LCQ's compander (rivals/lcq.py) ----
    t = |x| / alpha (signed) or x / alpha; v K = clamp(t, 0, 1-) K, its integer part the input
    interval k; the level q = round(c_k + s_k v K) with c, s the caller's coefficient tables

@@ -39,8 +39,10 @@ def _library() -> ctypes.CDLL | None:
         lib.lcq_backward.argtypes = [p, p, p, i64, i32, p, p, p, i32, p, i32, f32, i32, p, p, p,
                                      i32]
         lib.level_stats.argtypes = [p, i64, i32, p, i32, p, p, i32]
+        lib.pact_backward.argtypes = [p, p, p, i64, i32, p, i32, p, i32]
+        lib.nearest_forward.argtypes = [p, p, i64, i32, p, i32, i32]
         for fn in (lib.project_forward, lib.project_backward, lib.lcq_forward, lib.lcq_backward,
-                   lib.level_stats):
+                   lib.level_stats, lib.pact_backward, lib.nearest_forward):
             fn.restype = None
         _LIB = lib
     return _LIB
@@ -86,6 +88,28 @@ def project_backward(dy: Tensor, x: Tensor, alpha: Tensor, magnitudes: Tensor, s
                           a.data_ptr(), m.data_ptr(), m.numel(), int(signed), int(clipped),
                           _ptr(dalpha), torch.get_num_threads())
     return dx, dalpha
+
+
+def pact_backward(dy: Tensor, x: Tensor, alpha: Tensor, signed: bool, need_alpha: bool
+                  ) -> tuple[Tensor, Tensor | None]:
+    """(dx, dL/dalpha as a 0-d fp32 tensor or None) of PACT's clip (rivals/pact.py)."""
+    x = dense(x.detach())
+    dy, a = like(dy, x), _f32(alpha)
+    dx = torch.empty_like(x)
+    dalpha = torch.empty((), dtype=torch.float32) if need_alpha else None
+    _LIB.pact_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), _DTYPES[x.dtype],
+                       a.data_ptr(), int(signed), _ptr(dalpha), torch.get_num_threads())
+    return dx, dalpha
+
+
+def nearest_forward(x: Tensor, levels: Tensor) -> Tensor:
+    """The nearest of the ascending `levels` (at most MAX_LEVELS) for every element of x; ties
+    to the lower level (rivals/lqnets.nearest)."""
+    x = dense(x.detach())
+    y, lv = torch.empty_like(x), _f32(levels)
+    _LIB.nearest_forward(x.data_ptr(), y.data_ptr(), x.numel(), _DTYPES[x.dtype], lv.data_ptr(),
+                         lv.numel(), torch.get_num_threads())
+    return y
 
 
 class CompanderTables:

@@ -30,6 +30,7 @@ on the CPU (eager, one basis), elsewhere from one pass per threshold up to 4 bit
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -103,6 +104,10 @@ class _STE(torch.autograd.Function):
         x, top = ctx.saved_tensors
         if top is None:
             return dy, None, None
+        if top.dim() == 0 and x.dtype == torch.float32 and x.is_cpu and not torch.compiler.is_compiling():
+            # one pass against the top as a number (read without a device sync on the CPU)
+            bound = float(np.nextafter(np.float32(top.item()), np.float32(np.inf)))
+            return torch.ops.aten.hardtanh_backward(dy, x, -float("inf"), bound), None, None
         return mask_grad(dy, x - top.to(x.dtype), -float("inf"), 0.0, (False, True)), None, None
 
 
@@ -210,6 +215,8 @@ class LQNetsQuantizer(Quantizer):
 
     def _nearest_level(self, x: Tensor, levels: Tensor) -> Tensor:
         """The nearest of each row's ascending `levels` (rows, 2^b) for every element of x."""
+        if not self.per_channel and levels.shape[1] <= cpu_rivals.MAX_LEVELS and cpu_rivals.ready(x):
+            return cpu_rivals.nearest_forward(x, levels[0])  # one C pass
         if not self.per_channel and x.dtype in FAST_DTYPES:
             low = levels[0, :1]
             steps = (levels[0, 1:] - levels[0, :-1]).float().clamp_min(0.0)

@@ -16,7 +16,8 @@ x <= -alpha.
 
 The op is one autograd Function: the forward is LSQ's with step alpha / L (the same numbers:
 clamp, divide by the step, round half to even, multiply; C on CPU, Triton on CUDA, fused under
-compile), the backward two masked passes of elementwise code and a sum.
+compile), the backward one C pass on the CPU in eager mode (kernels/cpu_rivals.c), elsewhere
+two masked passes of elementwise code and a sum.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from nulsq.quant import functional as F
 from nulsq.quant.base import QUANTIZERS
+from nulsq.quant.kernels import cpu_rivals
 from nulsq.quant.rivals.clip_base import FAST_DTYPES, ClipQuantizer, mask_grad, mirror
 
 
@@ -44,6 +46,11 @@ class _PACT(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, alpha = ctx.saved_tensors
+        if cpu_rivals.ready(x):  # one C pass for dx and alpha's sum
+            dx, dalpha = cpu_rivals.pact_backward(dy, x, alpha, ctx.signed, ctx.needs_input_grad[1])
+            if dalpha is not None:
+                dalpha = dalpha.reshape(alpha.shape).to(alpha.dtype)
+            return F.cast(dx, dy.dtype), dalpha, None, None
         u = x / alpha
         dx = mask_grad(dy, u, -1.0 if ctx.signed else 0.0, 1.0, (not ctx.signed, False))
         dalpha = None

@@ -157,7 +157,7 @@ def checkpoint_config(path: Path, ckpt: dict) -> DictConfig:
     if Path(path).parent.name == CHECKPOINT_DIR and run_cfg.is_file():
         return OmegaConf.load(run_cfg)
     raise UserError(f"checkpoint {path} holds no config and is not inside a run directory "
-                    f"(no {run_cfg}); evaluate it from its run directory")
+                    f"(no {run_cfg}); pass the run directory it was trained in")
 
 
 def build_checkpoint_model(path: Path, ckpt: dict, cfg: DictConfig) -> nn.Module:

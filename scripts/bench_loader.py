@@ -36,7 +36,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from nulsq.data import build  # noqa: E402
-from nulsq.data.imagenet import dali_installed  # noqa: E402
+from nulsq.data.imagenet import check_loader, dali_installed  # noqa: E402
+from nulsq.errors import UserError  # noqa: E402
 from nulsq.train.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
 
 CLASSES = 10
@@ -92,6 +93,14 @@ def epoch_rate(loader, epoch: int, device: torch.device) -> float:
     if count < 2:
         raise SystemExit("fewer than 2 batches per epoch: use more --images or a smaller --batch-size")
     return images / (time.perf_counter() - first)
+
+
+def loader_names(value: str) -> list[str]:
+    """--loaders: comma-separated `dataset.loader` values, checked before any folder is made."""
+    try:
+        return [check_loader(name) for name in value.split(",")]
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -158,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="dataset.num_workers (DALI: as many reader processes and DALI threads)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per case")
-    parser.add_argument("--loaders", type=lambda v: v.split(","), default=["torchvision", "dali"])
+    parser.add_argument("--loaders", type=loader_names, default=["torchvision", "dali"])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)

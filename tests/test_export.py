@@ -368,6 +368,8 @@ def test_export_cli_bad_inputs_fail_in_one_line(trained_run, tmp_path, capsys):
     cfg = OmegaConf.load(fp / "config.yaml")
     cfg.quantizer.name, cfg.quantizer.weight, cfg.quantizer.act = "fp", None, None
     OmegaConf.save(cfg, fp / "config.yaml")
+    ckpt = torch.load(fp / "checkpoints" / "last.pt", weights_only=True)  # the config export reads
+    torch.save({**ckpt, "config": OmegaConf.to_yaml(cfg)}, fp / "checkpoints" / "last.pt")
     fails([fp, "--out", tmp_path / "o1"], "full-precision")
     # an unfinished run
     running = tmp_path / "running"
@@ -433,6 +435,59 @@ def test_export_run_refuses_a_checkpoint_that_is_not_a_training_checkpoint(tmp_p
     torch.save({"model": {}}, run / "checkpoints" / "last.pt")
     with pytest.raises(UserError, match="not a nulsq training checkpoint"):
         export_run(run, tmp_path / "out")
+
+
+def fake_run(folder, cfg, model, stage="qat", status="finished", stored_config=True):
+    """A run directory as train.py leaves one (config.yaml, summary.json, checkpoints/last.pt),
+    written in milliseconds; `stored_config=False`: a checkpoint without its own config copy."""
+    from nulsq.train.checkpoint import save_checkpoint
+
+    (folder / "checkpoints").mkdir(parents=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    (folder / "summary.json").write_text(json.dumps({"status": status, "top1": 12.5}))
+    fields = {"model": model.state_dict(), "fingerprint": "f", "stage": stage, "num_classes": 10,
+              "image_size": IMAGE}
+    save_checkpoint(folder / "checkpoints" / "last.pt", fields, cfg)
+    if not stored_config:
+        ckpt = torch.load(folder / "checkpoints" / "last.pt", weights_only=True)
+        torch.save({k: v for k, v in ckpt.items() if k != "config"}, folder / "checkpoints" / "last.pt")
+    return folder
+
+
+def test_an_exported_run_uses_the_config_its_checkpoint_was_trained_with(tmp_path):
+    from nulsq.export.exporter import load_trained
+
+    model, cfg = tiny_quantized_model("nulsq_wa")
+    run = fake_run(tmp_path / "run", cfg, model)
+    edited = OmegaConf.load(run / "config.yaml")
+    edited.quantizer.bits = 3  # config.yaml edited after training: the checkpoint's copy wins
+    OmegaConf.save(edited, run / "config.yaml")
+    loaded, loaded_cfg, info = load_trained(run)
+    assert loaded_cfg.quantizer.bits == 2 and info["top1"] == 12.5
+    x = torch.randn(4, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    # a checkpoint without its own copy (format 1): its run's config.yaml
+    old = fake_run(tmp_path / "old", cfg, model, stored_config=False)
+    assert load_trained(old / "checkpoints" / "last.pt")[1].quantizer.bits == 2
+
+
+def test_load_trained_refusals_are_one_line(tmp_path):
+    from nulsq.export.exporter import load_trained
+
+    model, cfg = tiny_quantized_model("lsq")
+    fp_cfg = compose_config(["dataset=synthetic", f"dataset.image_size={IMAGE}", "quantizer=fp",
+                             "model.pretrained=false"])
+    loose = fake_run(tmp_path / "loose", cfg, model, stored_config=False) / "checkpoints" / "last.pt"
+    loose = loose.rename(tmp_path / "loose.pt")
+    cases = [(fake_run(tmp_path / "fp", fp_cfg, model, stage="fp"), "is a full-precision run"),
+             (fake_run(tmp_path / "running", cfg, model, status="running"), "not a finished run"),
+             (fake_run(tmp_path / "fp_stage", cfg, model, stage="fp"), "checkpoint of the full-precision"),
+             (loose, "holds no config")]
+    for source, words in cases:
+        with pytest.raises(UserError, match=words) as err:
+            load_trained(source)
+        assert "\n" not in str(err.value), err.value
 
 
 # -- ONNX ------------------------------------------------------------------------------------------

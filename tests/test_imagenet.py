@@ -309,6 +309,15 @@ def test_bench_loader_reports_each_loader_and_its_ratio(tmp_path: Path) -> None:
     assert len(sizes) == 24 and all(40 <= w <= 60 and 40 <= h <= 60 for w, h in sizes)
 
 
+def test_bench_loader_refuses_an_unknown_loader_before_making_its_folder(tmp_path: Path, capsys) -> None:
+    bench = load_script("bench_loader")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--make", str(tmp_path / "folder"), "--loaders", "torchvision,ffcv"])
+    assert exit_info.value.code == 2 and not (tmp_path / "folder").exists()
+    err = capsys.readouterr().err
+    assert "argument --loaders: unknown dataset.loader 'ffcv'; valid: auto, dali, torchvision" in err
+
+
 # --- through the trainer --------------------------------------------------------------------------
 
 

@@ -1,11 +1,20 @@
-"""Progressive fine-tuning's merge of adjacent step sizes (supplement D-III)."""
+"""Progressive fine-tuning's merge of adjacent step sizes (supplement D-III), and the run that
+starts from a (b+1)-bit run."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from nulsq.quant.progressive import merge_adjacent
+from nulsq.rundir import last_checkpoint
+from nulsq.train import run
+from nulsq.train.preflight import _SOURCE, preflight, progressive_source
+
+from conftest import compose_config
 
 
 @pytest.mark.parametrize(
@@ -45,3 +54,39 @@ def test_bad_arguments() -> None:
         merge_adjacent(torch.ones(2, 2), 1)
     with pytest.raises(ValueError, match="at least 1"):
         merge_adjacent(torch.ones(4), 0)
+
+
+def test_a_progressive_run_reads_its_source_checkpoint_once(tiny_run, tmp_path, one_thread, monkeypatch):
+    short = ("pretrain.epochs=0", "trainer.max_steps=1", "quantizer=lsq")
+    run(compose_config(tiny_run(*short, "quantizer.bits=3", out=tmp_path / "src")))
+    source = last_checkpoint(tmp_path / "src").resolve()
+    reads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        if isinstance(f, (str, Path)) and Path(f).resolve() == source:
+            reads.append(f)
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    cfg = compose_config(tiny_run(*short, "quantizer.bits=2", f"init.from_run={tmp_path / 'src'}"))
+    preflight(cfg)  # as train.py's command line does, before run() checks again
+    run(cfg)
+    assert len(reads) == 1, reads
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert next(e for e in events if e["event"] == "init")["method"] == "progressive"
+
+
+def test_the_source_is_read_again_once_it_changed_and_dropped_after_use(tmp_path, monkeypatch):
+    path = tmp_path / "src.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "fingerprint": "a"}, path)
+    cfg = compose_config([f"init.from_run={path}"])
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(f) or real_load(f, *a, **k))
+    assert progressive_source(cfg)[1]["model"]["w"].tolist() == [0.0, 0.0]
+    assert progressive_source(cfg)[0] == path and len(reads) == 1
+    # retrained meanwhile (a bigger file: mtime alone may not tell within the clock's granularity)
+    torch.save({"model": {"w": torch.ones(100)}, "fingerprint": "b"}, path)
+    assert progressive_source(cfg, keep=False)[1]["model"]["w"].sum() == 100
+    assert len(reads) == 2 and not _SOURCE

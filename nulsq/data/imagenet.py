@@ -38,7 +38,9 @@ SCALE = (0.08, 1.0)  # RandomResizedCrop's area fraction range
 RATIO = (3 / 4, 4 / 3)  # and aspect ratio range
 INTERPOLATION = InterpolationMode.BILINEAR  # with antialiasing (PIL's resize always has it)
 LAYOUT = "<root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG"
-LOADERS = ImageLoader.values()  # the schema's list (a bad value is refused while composing)
+# The schema's list: a bad value in a config is refused while composing; one given another way (a
+# plain mapping to `nulsq.data.build`, scripts/bench_loader.py's --loaders) by `check_loader`.
+LOADERS = ImageLoader.values()
 DALI_INSTALL = "pip install -e '.[dali]' (NVIDIA DALI for CUDA 13)"
 CHECK = "python scripts/check_imagenet.py <dataset.root> lists every unreadable file"
 # ImageNet is never downloaded (its licence needs a login): every missing-data error says how to
@@ -338,12 +340,19 @@ def dali_installed() -> bool:
         return False
 
 
+def check_loader(name: str) -> str:
+    """`name` if it is a `dataset.loader` value, else a one-line UserError listing the valid ones
+    (the only check outside the schema: every caller goes through it)."""
+    name = str(name)
+    if name not in LOADERS:
+        raise UserError(f"unknown dataset.loader '{name}'; valid: {', '.join(LOADERS)}")
+    return name
+
+
 def choose_loader(cfg: Mapping[str, Any], device: torch.device, say: bool = True) -> str:
     """`dataset.loader` resolved: auto takes DALI on CUDA when it is installed, else torchvision,
     saying in one line (when `say`: rank 0) how to install DALI if the GPU would have used it."""
-    loader = str(setting(cfg, "loader", "auto"))
-    if loader not in LOADERS:
-        raise UserError(f"unknown dataset.loader '{loader}'; valid: {', '.join(LOADERS)}")
+    loader = check_loader(setting(cfg, "loader", "auto"))
     if loader == "dali" and not dali_installed():
         raise UserError(f"dataset.loader=dali needs NVIDIA DALI; install it with {DALI_INSTALL}")
     if loader != "auto":

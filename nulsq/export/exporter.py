@@ -64,17 +64,15 @@ def locate_run(source: str | Path) -> tuple[Path, Path]:
 def load_trained(source: str | Path) -> tuple[nn.Module, object, dict]:
     """(quantized model in eval mode on the CPU, config, run info) of a finished QAT run.
 
-    Refuses, one line each: a full-precision run, an unfinished run, a checkpoint without its
-    run's config.yaml.
+    The config is the one the checkpoint was trained with (`nulsq.rundir.checkpoint_config`: its
+    own copy, else its run's config.yaml). Refuses, one line each: a full-precision run, an
+    unfinished run, a checkpoint of the FP stage, a checkpoint with no config anywhere.
     """
-    from nulsq.rundir import build_checkpoint_model
+    from nulsq.rundir import build_checkpoint_model, checkpoint_config
 
     run_dir, ckpt_path = locate_run(source)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise UserError(f"{run_dir} has no config.yaml beside its checkpoint; pass a run directory "
-                        f"written by train.py")
-    cfg = OmegaConf.load(cfg_path)
+    ckpt = read_checkpoint(ckpt_path)
+    cfg = checkpoint_config(ckpt_path, ckpt)
     if cfg.quantizer.weight is None and cfg.quantizer.act is None:
         raise UserError(f"{run_dir} is a full-precision run (quantizer {cfg.quantizer.name}): nothing "
                         f"to export as integer codes; export a quantized (QAT) run")
@@ -83,7 +81,6 @@ def load_trained(source: str | Path) -> tuple[nn.Module, object, dict]:
         status = summary.get("status", "no summary.json")
         raise UserError(f"{run_dir} is not a finished run (status: {status}); "
                         f"finish it with trainer.resume=auto, then export")
-    ckpt = read_checkpoint(ckpt_path)
     if ckpt["stage"] != "qat":
         raise UserError(f"{ckpt_path} is a checkpoint of the full-precision stage; export a finished "
                         f"QAT run")

@@ -55,16 +55,21 @@ def merge_adjacent(steps: Tensor, new_count: int) -> Tensor:
 
 
 @torch.no_grad()
-def load_progressive(model: nn.Module, ref: str | Path, trust: bool = False) -> Path:
+def load_progressive(model: nn.Module, ref: str | Path, trust: bool = False,
+                     ckpt: dict | None = None) -> Path:
     """Initialise the quantized `model` from the (b+1)-bit run `ref`; returns the checkpoint used.
 
     Args:
         model: the quantized b-bit network.
         ref: a checkpoint file, a run directory or a run name (see rundir.resolve_checkpoint).
         trust: read a checkpoint of nulsq before its safe format (see nulsq/safe_load.py).
+        ckpt: the contents of `ref`'s checkpoint when already read (the trainer's preflight read
+            it: `nulsq.train.preflight.progressive_source`); None reads the file.
     """
     path = resolve_checkpoint(ref)
-    ckpt = load_torch_file(path, "init.from_run checkpoint", "point init.from_run at another run", trust)
+    if ckpt is None:
+        ckpt = load_torch_file(path, "init.from_run checkpoint", "point init.from_run at another run",
+                               trust)
     old = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(old, dict):
         raise UserError(f"init.from_run: {path} is not a nulsq checkpoint (no model entry)")

@@ -31,8 +31,6 @@ from nulsq.train.plan import StagePlan, build_stage_optim, plan_stages
 def check_values(cfg: DictConfig) -> None:
     """Values that can never train, rejected before any work."""
     from nulsq.protocol import check_switches
-    from nulsq.rundir import resolve_checkpoint
-    from nulsq.train.checkpoint import load_checkpoint
 
     if cfg.trainer.epochs <= 0:
         raise UserError(f"trainer.epochs must be > 0, got {cfg.trainer.epochs}")
@@ -43,7 +41,7 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.pretrain.epochs < 0 or cfg.pretrain.lr <= 0:
         raise UserError("pretrain.epochs must be >= 0 and pretrain.lr > 0")
     if cfg.init.from_run:  # a progressive source that is missing, or unsafe, fails before any work
-        load_checkpoint(resolve_checkpoint(cfg.init.from_run), cfg.trainer.trust_checkpoint)
+        progressive_source(cfg)
     if cfg.trainer.log_interval <= 0:
         raise UserError(f"trainer.log_interval must be > 0, got {cfg.trainer.log_interval}")
     if cfg.init.batches <= 0:
@@ -54,6 +52,40 @@ def check_values(cfg: DictConfig) -> None:
         if value < 0:
             raise UserError(f"{key} must be >= 0, got {value}")
     check_switches(cfg)  # init.protocol, quantizer.grad_scale, quantizer.first_last
+
+
+# init.from_run's checkpoint as the preflight read it, for the run's progressive start to reuse:
+# (resolved path, mtime, size, trust) -> its model entry. One entry at most, dropped once used.
+_SOURCE: dict[tuple, dict] = {}
+
+
+def progressive_source(cfg: DictConfig, keep: bool = True) -> tuple[Path, dict]:
+    """init.from_run's checkpoint, read (safely, `load_checkpoint`) once per version of the file:
+    (its path, {"model": its weights}). The preflight reads it to fail before any work; the run's
+    progressive start (`load_progressive`) then gets the same contents instead of a second read
+    (a second preflight, the command line's then run()'s, reads nothing either).
+
+    Args:
+        cfg: the run config (init.from_run set).
+        keep: keep it for a later call; False drops it (the last use: its memory is freed).
+    """
+    from nulsq.rundir import resolve_checkpoint
+    from nulsq.train.checkpoint import load_checkpoint
+
+    path = resolve_checkpoint(cfg.init.from_run)
+    trust = bool(cfg.trainer.trust_checkpoint)
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, trust)
+    except OSError:  # gone since it was resolved: load_checkpoint says so in one line
+        key = None
+    source = _SOURCE.get(key) if key is not None else None
+    if source is None:
+        source = {"model": load_checkpoint(path, trust)["model"]}
+    _SOURCE.clear()
+    if keep and key is not None:
+        _SOURCE[key] = source
+    return path, source
 
 
 def check_names(cfg: DictConfig, stages: list[StagePlan]) -> None:

@@ -44,7 +44,7 @@ from nulsq.train.checkpoint import (
 )
 from nulsq.train.loop import StageState, StepContext, evaluate, train_epoch
 from nulsq.train.plan import StagePlan, build_stage_optim, is_quantized
-from nulsq.train.preflight import preflight
+from nulsq.train.preflight import preflight, progressive_source
 from nulsq.train.runtime import Runtime, resolve_runtime, seed_everything
 
 logger = logging.getLogger(__name__)  # console, train.log and W&B (nulsq/log/console.py)
@@ -404,7 +404,8 @@ def _final_line(summary: dict, cfg: DictConfig, stopped: bool) -> str:
 def _init_steps(cfg: DictConfig, model: nn.Module, bundle, dist: D.DistInfo, log, step: int) -> None:
     """Initial step sizes: merged from a (b+1)-bit run, or observed on training batches."""
     if cfg.init.from_run:
-        load_progressive(model, cfg.init.from_run, cfg.trainer.trust_checkpoint)
+        path, source = progressive_source(cfg, keep=False)  # as the preflight read it: no 2nd read
+        load_progressive(model, path, cfg.trainer.trust_checkpoint, source)
         note = {"method": "progressive", "from_run": str(cfg.init.from_run)}
     else:
         bundle.train.set_epoch(0)

@@ -126,4 +126,24 @@ INLINE vf gather(const float *table, vi index) {
 }
 #endif
 
+/* A table read by W indices at once. Up to 16 entries it sits in two vectors and is read with
+   one two-register permute (__builtin_shuffle: vpermt2ps with AVX-512, permutes with AVX2):
+   much faster than a gather, which microcode mitigations make slow on recent x86 parts. */
+typedef struct {
+  vf lo, hi;
+  const float *p;
+  int small;
+} lut_t;
+
+INLINE lut_t make_lut(const float *p, int n) {
+  lut_t t = {splat(0.f), splat(0.f), p, n <= 2 * W};
+  if (t.small)
+    for (int k = 0; k < n; k++) { if (k < W) t.lo[k] = p[k]; else t.hi[k - W] = p[k]; }
+  return t;
+}
+
+INLINE vf lut_get(const lut_t *t, vi index) {
+  return t->small ? __builtin_shuffle(t->lo, t->hi, index) : gather(t->p, index);
+}
+
 #endif

@@ -55,6 +55,7 @@ INLINE vf with_sign_of(vf magnitude, vf v) {  /* magnitude >= 0 with v's sign bi
 typedef struct {
   search_t mids;           /* midpoints of consecutive magnitudes */
   float M[MAX_N + 1];      /* the magnitudes, M[0] = 0 */
+  lut_t magnitudes;        /* M as a lookup table */
   float lo;                /* -1 (signed) or 0 */
   int is_signed;
 } project_t;
@@ -64,14 +65,15 @@ static void make_project(project_t *p, const float *mags, int m, int is_signed) 
   for (int j = 0; j + 1 < m; j++) mids[j] = (mags[j] + mags[j + 1]) / 2.f;
   make_search(&p->mids, mids, m - 1);
   memcpy(p->M, mags, (size_t)m * sizeof(float));
+  p->magnitudes = make_lut(p->M, m);
   p->lo = is_signed ? -1.f : 0.f;
   p->is_signed = is_signed;
 }
 
 INLINE vf project_at(vf u, const project_t *p) {  /* P(clamp(u)) */
   vf c = clamp(u, splat(p->lo), splat(1.f));
-  if (!p->is_signed) return gather(p->M, count_below(c, &p->mids));
-  vf magnitude = gather(p->M, count_below((vf)((vi)c & splati(0x7FFFFFFF)), &p->mids));
+  if (!p->is_signed) return lut_get(&p->magnitudes, count_below(c, &p->mids));
+  vf magnitude = lut_get(&p->magnitudes, count_below((vf)((vi)c & splati(0x7FFFFFFF)), &p->mids));
   return with_sign_of(magnitude, c);
 }
 
@@ -161,10 +163,11 @@ void nearest_forward(const void *x, void *y, int64_t n, int dt, const float *lev
   float mids[MAX_N + 1];
   for (int j = 0; j + 1 < m; j++) mids[j] = (levels[j] + levels[j + 1]) / 2.f;
   make_search(&s, mids, m - 1);
+  lut_t table = make_lut(levels, m);
   int nt = threads_for(n, nthreads, 256);
 #define AT(i, valid) do {                                                  \
     vf xv = load(x, i, DT, valid);                                         \
-    store(y, i, gather(levels, count_below(xv, &s)), DT, valid);           \
+    store(y, i, lut_get(&table, count_below(xv, &s)), DT, valid);          \
   } while (0)
 #define RANGE(DTV) do { const int DT = DTV; FOR_VECTORS(b, e, AT, NOTHING); } while (0)
   PARALLEL(nt, n, if (dt == F32) RANGE(F32); else RANGE(BF16))
@@ -180,8 +183,15 @@ void nearest_forward(const void *x, void *y, int64_t n, int dt, const float *lev
 typedef struct {
   int K, L, is_signed;
   float below_one;
-  const float *intercepts, *slopes, *out;   /* K, K and L + 1 entries */
+  lut_t intercepts, slopes, out;   /* K, K and L + 1 entries */
 } compander_t;
+
+static compander_t make_compander(const float *intercepts, const float *slopes, int K,
+                                  const float *out, int L, float below_one, int is_signed) {
+  compander_t c = {K, L, is_signed, below_one, make_lut(intercepts, K), make_lut(slopes, K),
+                   make_lut(out, L + 1)};
+  return c;
+}
 
 /* t, the interval k and the level q of the W elements in xv; y their output. */
 INLINE vf compand_at(vf xv, const compander_t *c, vf a, vf *t_out, vi *k_out, vi *q_out) {
@@ -190,10 +200,10 @@ INLINE vf compand_at(vf xv, const compander_t *c, vf a, vf *t_out, vi *k_out, vi
   tc = sel(tc < splat(c->below_one), tc, splat(c->below_one));
   vf vk = tc * splat((float)c->K);
   vi k = __builtin_convertvector(vk, vi);              /* floor: vk >= 0 */
-  vf level = round_even(gather(c->intercepts, k) + gather(c->slopes, k) * vk);
+  vf level = round_even(lut_get(&c->intercepts, k) + lut_get(&c->slopes, k) * vk);
   level = clamp(level, splat(0.f), splat((float)c->L));  /* finite here: stays in the table */
   vi q = __builtin_convertvector(level, vi);
-  vf y = gather(c->out, q);
+  vf y = lut_get(&c->out, q);
   if (c->is_signed) y = with_sign_of(y, xv);
   y = sel(xv == xv, y, xv);                            /* NaN in, NaN out */
   *t_out = t; *k_out = k; *q_out = q;
@@ -203,7 +213,7 @@ INLINE vf compand_at(vf xv, const compander_t *c, vf a, vf *t_out, vi *k_out, vi
 void lcq_forward(const void *x, void *y, int64_t n, int dt, const float *alpha,
                  const float *intercepts, const float *slopes, int K, const float *out, int L,
                  float below_one, int is_signed, int nthreads) {
-  compander_t c = {K, L, is_signed, below_one, intercepts, slopes, out};
+  compander_t c = make_compander(intercepts, slopes, K, out, L, below_one, is_signed);
   vf a = splat(*alpha);
   int nt = threads_for(n, nthreads, 256);
 #define AT(i, valid) do {                                                  \
@@ -224,7 +234,7 @@ void lcq_backward(const void *dy, const void *x, void *dx, int64_t n, int dt, co
                   const float *intercepts, const float *slopes, int K, const float *out, int L,
                   float below_one, int is_signed, const float *ratio, double *sums, double *cells,
                   int nthreads) {
-  compander_t c = {K, L, is_signed, below_one, intercepts, slopes, out};
+  compander_t c = make_compander(intercepts, slopes, K, out, L, below_one, is_signed);
   vf a = splat(*alpha), low = splat(-1.17549435e-38f), top = splat(1.f);
   int nt = threads_for(n, nthreads, 64), levels = L + 1, ncell = K * levels;
   /* per thread: sum(dy y), sum(dx x), then 4 copies of the cells (lanes l and l + 4 share one;

@@ -7,7 +7,10 @@
 #      floor) and training steps (FP vs LSQ vs nuLSQ-A, pre-act ResNet-20 b128 and ResNet-18 b256).
 # Usage (the project's dependencies already installed):
 #   OUT=/some/folder bash scripts/gpu_check.sh     # also writes $OUT/bench.json and $OUT/tests.log
-# Finishes in under 8 minutes: each part has a hard time limit, and the benchmark skips (and
+#   OUT=/some/folder bash scripts/gpu_check.sh rivals   # the rival quantizers' tables instead:
+#       scripts/bench.py --rivals-only, compiled (the targets: every rival <= 1.3x the compiled
+#       FP step) then eager, into $OUT/bench_rivals_compiled.json and $OUT/bench_rivals_eager.json
+# Each finishes in under 9 minutes: each part has a hard time limit, and the benchmark skips (and
 # lists) the step configurations that do not fit its budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +31,20 @@ except ImportError:
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"triton {tv}, device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE'}")
 EOF
+
+if [ "${1:-}" = "rivals" ]; then
+    rc=0
+    # compiling eight configurations takes most of the time: it gets the larger share
+    for part in "compiled on 330 380" "eager off 90 130"; do
+        read -r mode compile budget limit <<<"$part"
+        echo "== rivals, $mode =="
+        args=(--rivals-only --budget-s "$budget" --compile "$compile")
+        [ -n "$out" ] && args+=(--out "$out/bench_rivals_$mode.json")
+        timeout "$limit" python scripts/bench.py "${args[@]}" || rc=$?
+    done
+    echo "rivals rc=$rc (124 = hit the time limit); total $((SECONDS - start)) s"
+    exit "$rc"
+fi
 
 echo "== tests (CUDA + compile) =="
 timeout 220 python -m pytest -q -rs -p no:cacheprovider --timeout=150 --durations=8 \

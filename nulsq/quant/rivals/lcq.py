@@ -29,10 +29,15 @@ of theta~ are both scaled by sqrt(Qp / N), as the authors scale alpha, gamma and
 
 Speed: K = 16 intervals, so the compander is a 16-entry table. The forward takes the interval from
 v K (no search), L g(v) = a_k v K + b_k from one 16-entry table, and the output from the
-(L + 1)-entry table alpha g^-1(j / L); it keeps x / alpha, y and one int32 index (interval, level,
-scatter lane) per element, no int64 tensor. The backward is elementwise code, one dot product for
-alpha (two under `grad: compander`) and two scatter sums into the K (L + 1) cells, from which
-table arithmetic gives the gradients of gamma and beta. No host syncs, no Python loop over elements.
+(L + 1)-entry table alpha g^-1(j / L). The backward needs, besides dx and two dot products for
+alpha, the sums of dy sign(x) and of dy sign(x) v per cell (interval k, level q), K (L + 1) of
+them, from which table arithmetic gives the gradients of gamma and beta (`_knot_gradients`).
+In eager mode on the CPU (fp32/bf16) both directions are one C pass each (kernels/cpu_rivals.c:
+table lookups by register permutes, the cells' sums per thread in float64) and only x is kept
+for the backward, which finds each element's cell again. Elsewhere (CUDA, torch.compile,
+float64) it is torch code: it keeps x / alpha, y and one int32 index (interval, level, scatter
+lane) per element, no int64 tensor, and sums the cells with two index_add scatters. No host
+syncs, no Python loop over elements, either way.
 
 Weights pass through LCQ's limited weight normalisation first (`weight_norm: lwn`): the quantizer
 sees (w - mean) / std and its output is multiplied by std. The clips start at 3.0 (weights, in

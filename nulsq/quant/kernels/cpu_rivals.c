@@ -47,6 +47,24 @@ INLINE vf with_sign_of(vf magnitude, vf v) {  /* magnitude >= 0 with v's sign bi
   return (vf)((vi)magnitude | ((vi)v & splati((int32_t)0x80000000)));
 }
 
+/* One pass over [0, n) on nt threads in which AT(i, valid) adds its terms to the vector `acc`
+   (it may also store dx); the float64 total, threads added in a fixed order, goes to *OUT
+   unless OUT is NULL. The caller's `dt` picks fp32 or bf16 loads. */
+#define SUM_FLUSH() do { total += hsum(acc); acc = splat(0.f); } while (0)
+#define SUM_RANGE(DTV, AT) do {                                            \
+    const int DT = DTV; vf acc = splat(0.f); double total = 0.0;           \
+    FOR_VECTORS(b, e, AT, SUM_FLUSH); partial_[tid] = total;               \
+  } while (0)
+#define SUM_PASS(nt, n, AT, OUT) do {                                      \
+    double partial_[256] = {0};                                            \
+    PARALLEL(nt, n, if (dt == F32) SUM_RANGE(F32, AT); else SUM_RANGE(BF16, AT)) \
+    if (OUT) {                                                             \
+      double all_ = 0.0;                                                   \
+      for (int t_ = 0; t_ < (nt); t_++) all_ += partial_[t_];              \
+      *(OUT) = (float)all_;                                                \
+    }                                                                      \
+  } while (0)
+
 /* ---- clip and project (APoT, LCQ's ternary weights; clip_base.clip_project) ----
    y = alpha P(clamp(x / alpha, lo, 1)), P the nearest of +-magnitudes (ties toward zero).
    dy/dx = dy inside [lo, 1] (and outside too with the unclipped STE); dy/dalpha = P(u) - u
@@ -97,7 +115,6 @@ void project_backward(const void *dy, const void *x, void *dx, int64_t n, int dt
   project_t p;
   make_project(&p, mags, m, is_signed);
   vf a = splat(*alpha), lo = splat(p.lo), one = splat(1.f);
-  double partial[256] = {0};
   int nt = threads_for(n, nthreads, 256);
 #define AT(i, valid) do {                                                  \
     vf d = load(dy, i, DT, valid), u = load(x, i, DT, valid) / a;          \
@@ -108,20 +125,8 @@ void project_backward(const void *dy, const void *x, void *dx, int64_t n, int dt
       acc += keep(valid < W ? live_lanes(valid) : splati(-1), d * g);      \
     }                                                                      \
   } while (0)
-#define FLUSH() do { total += hsum(acc); acc = splat(0.f); } while (0)
-#define RANGE(DTV) do {                                                    \
-    const int DT = DTV; vf acc = splat(0.f); double total = 0.0;           \
-    FOR_VECTORS(b, e, AT, FLUSH); partial[tid] = total;                    \
-  } while (0)
-  PARALLEL(nt, n, if (dt == F32) RANGE(F32); else RANGE(BF16))
-#undef RANGE
-#undef FLUSH
+  SUM_PASS(nt, n, AT, dalpha);
 #undef AT
-  if (dalpha) {
-    double total = 0.0;
-    for (int t = 0; t < nt; t++) total += partial[t];
-    *dalpha = (float)total;
-  }
 }
 
 /* ---- PACT's backward (rivals/pact.py; its forward is LSQ's kernel) ----
@@ -130,7 +135,6 @@ void project_backward(const void *dy, const void *x, void *dx, int64_t n, int dt
 void pact_backward(const void *dy, const void *x, void *dx, int64_t n, int dt, const float *alpha,
                    int is_signed, float *dalpha, int nthreads) {
   vf a = splat(*alpha), one = splat(1.f), lo = splat(is_signed ? -1.f : 0.f);
-  double partial[256] = {0};
   int nt = threads_for(n, nthreads, 256);
 #define AT(i, valid) do {                                                  \
     vf d = load(dy, i, DT, valid), u = load(x, i, DT, valid) / a;          \
@@ -139,20 +143,8 @@ void pact_backward(const void *dy, const void *x, void *dx, int64_t n, int dt, c
     acc += keep(u >= one, d);                                              \
     if (is_signed) acc -= keep(u <= -one, d);                              \
   } while (0)
-#define FLUSH() do { total += hsum(acc); acc = splat(0.f); } while (0)
-#define RANGE(DTV) do {                                                    \
-    const int DT = DTV; vf acc = splat(0.f); double total = 0.0;           \
-    FOR_VECTORS(b, e, AT, FLUSH); partial[tid] = total;                    \
-  } while (0)
-  PARALLEL(nt, n, if (dt == F32) RANGE(F32); else RANGE(BF16))
-#undef RANGE
-#undef FLUSH
+  SUM_PASS(nt, n, AT, dalpha);
 #undef AT
-  if (dalpha) {
-    double total = 0.0;
-    for (int t = 0; t < nt; t++) total += partial[t];
-    *dalpha = (float)total;
-  }
 }
 
 /* ---- the nearest of m ascending levels (LQ-Nets' forward, rivals/lqnets.py) ----

@@ -238,3 +238,26 @@ def test_rival_ops_trace_without_graph_breaks(kind, signed, role, args):
     torch._dynamo.reset()
     for got, want in zip(grads_of(torch.compile(loss, backend="aot_eager")), grads_of(loss)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lcq_cell_sums_spread_over_gpu_lanes_give_the_same_gradients(monkeypatch):
+    """A GPU spreads the compander's per-cell scatter sums over many lanes (atomics into one cell
+    serialise); the sums, and so every gradient, stay those of the CPU's 8 lanes."""
+    from nulsq.quant import kernels
+    from nulsq.quant.rivals import lcq
+
+    assert lcq.lane_count(torch.device("cpu"), 64) == 8
+    assert lcq.lane_count(torch.device("cuda"), 64) == 1024  # 2-bit, K = 16
+    assert lcq.lane_count(torch.device("cuda"), 16 * 256) == 256  # 8-bit: bins stay <= 2^20
+    x, dy = inputs(torch.float32, True, seed=7)
+    theta = torch.randn(16, generator=torch.Generator().manual_seed(7)) * 0.5
+    for grad in ("authors", "compander"):
+        def op(x_, a, t, grad=grad):
+            return compand_quantize(x_, a, t, 7, True, grad)
+
+        with kernels.reference_kernels():  # the torch code, which GPUs run
+            cpu_style = grads(op, x, dy, [torch.tensor(1.6), theta])
+            monkeypatch.setattr(lcq, "lane_count", lambda device, cells: 256)
+            gpu_style = grads(op, x, dy, [torch.tensor(1.6), theta])
+            monkeypatch.undo()
+        assert_same(gpu_style, cpu_style, torch.float32, f"lcq lanes {grad}")

@@ -280,12 +280,12 @@ def nulsq_step_gradients(
 
 # On a GPU, thousands of threads adding into the same few bins serialise on atomics (measured on
 # an H200, 51M elements into 10 bins: 20 ms); spreading them over 1024 copies of the bins: 2 ms.
-_GPU_BIN_COPIES = 1024
+GPU_BIN_COPIES = 1024
 
 
 def _bin_copies(device: torch.device) -> int:
     """How many copies of the bins per-cell sums spread over (a power of two)."""
-    return 1 if device.type == "cpu" else _GPU_BIN_COPIES
+    return 1 if device.type == "cpu" else GPU_BIN_COPIES
 
 
 def _scatter_targets(cell: Tensor, num_cells: int) -> tuple[Tensor, int]:

@@ -143,7 +143,8 @@ class _Compand(torch.autograd.Function):
         y = _gather((out.unit_levels * a).repeat(k_count), cell)  # the level of q, whatever k
         # cell * LANES + (element index mod LANES): neighbouring elements of one cell (a ReLU's
         # zeros) then add into different bins, so the backward's scatter sums do not serialise
-        cell = cell.mul_(_LANES).add_(_lanes(cell.numel(), cell.device).view(cell.shape))
+        lanes = ctx.lanes = lane_count(x.device, k_count * (steps + 1))
+        cell = cell.mul_(lanes).add_(_lanes(cell.numel(), lanes, cell.device).view(cell.shape))
         if signed:
             y = torch.copysign(y, xf)
         ctx.save_for_backward(xf, t, y, cell, alpha, slopes, offsets)
@@ -164,11 +165,12 @@ class _Compand(torch.autograd.Function):
         if authors:
             dx = inside
         else:  # gamma_k(v) / gamma_j(q)
-            ratio = _ratio(sl, out).reshape(-1).repeat_interleave(_LANES)
+            ratio = _ratio(sl, out).reshape(-1).repeat_interleave(ctx.lanes)
             dx = inside * _gather(ratio, cell)
         sums = None
         if need_knots or (need_alpha and authors):
-            sums = _cell_sums(inside, t, xf if signed else None, cell, sl.numel() * (steps + 1))
+            sums = _cell_sums(inside, t, xf if signed else None, cell, sl.numel() * (steps + 1),
+                              ctx.lanes)
         dalpha = dslopes = doffsets = None
         if need_alpha:
             # dy/dalpha = y/alpha - x/alpha [inside]; with dx = dy [inside] (authors), the sum of
@@ -206,37 +208,48 @@ def _ratio(sl: Tensor, out: _OutputTable) -> Tensor:
 
 
 # Scatter lanes per cell (see the forward), and the lane of each element for the sizes seen.
-_LANES = 8
-_LANE_CACHE: dict[tuple[int, torch.device], Tensor] = {}
+_CPU_LANES = 8
+_MAX_LANE_BINS = 2**20  # cells x lanes, at most (8-bit: 4096 cells, 256 lanes)
+_LANE_CACHE: dict[tuple[int, int, torch.device], Tensor] = {}
 
 
-def _lanes(n: int, device: torch.device) -> Tensor:
-    """(element index mod _LANES) as int32 for n elements; cached per size in eager mode."""
-    key = (n, device)
+def lane_count(device: torch.device, cells: int) -> int:
+    """Copies of the K (L + 1) cells that the scatter sums spread over (a power of two): 8 on
+    the CPU; on a GPU as many as functional's bins get (1024), within _MAX_LANE_BINS, since
+    thousands of threads adding a ReLU's zeros into one cell serialise on its atomics."""
+    if device.type == "cpu":
+        return _CPU_LANES
+    most = max(_CPU_LANES, _MAX_LANE_BINS // cells)
+    return min(F.GPU_BIN_COPIES, 1 << (most.bit_length() - 1))
+
+
+def _lanes(n: int, lanes: int, device: torch.device) -> Tensor:
+    """(element index mod lanes) as int32 for n elements; cached per size in eager mode."""
+    key = (n, lanes, device)
     compiling = torch.compiler.is_compiling()
     if not compiling and key in _LANE_CACHE:
         return _LANE_CACHE[key]
-    lanes = torch.arange(n, dtype=torch.int32, device=device).bitwise_and_(_LANES - 1)
+    lane = torch.arange(n, dtype=torch.int32, device=device).bitwise_and_(lanes - 1)
     if not compiling:
         if len(_LANE_CACHE) >= 64:  # a model has a few activation sizes; bound it anyway
             _LANE_CACHE.clear()
-        _LANE_CACHE[key] = lanes
-    return lanes
+        _LANE_CACHE[key] = lane
+    return lane
 
 
 # the largest value below 1 per compute dtype (v K then stays below K)
 _BELOW_ONE = {torch.float32: 1.0 - 2.0**-24, torch.float64: 1.0 - 2.0**-53}
 
 
-def _cell_sums(inside: Tensor, t: Tensor, x_signed: Tensor | None, cell: Tensor, bins: int
-               ) -> tuple[Tensor, Tensor]:
+def _cell_sums(inside: Tensor, t: Tensor, x_signed: Tensor | None, cell: Tensor, bins: int,
+               lanes: int) -> tuple[Tensor, Tensor]:
     """Per (interval, level) cell: the sums of w = dy sign(x) [inside] and of w t (= w v there).
-    `cell` holds cell * _LANES + lane: the lanes' partial sums are added up at the end."""
+    `cell` holds cell * lanes + lane: the lanes' partial sums are added up at the end."""
     w = inside if x_signed is None else inside * torch.sign(x_signed)
     index = cell.reshape(-1)  # int32: index_add_ takes it as is (scatter_add_ would need int64)
-    sum_w = w.new_zeros(bins * _LANES).index_add_(0, index, w.reshape(-1))
-    sum_wv = w.new_zeros(bins * _LANES).index_add_(0, index, (w * t).reshape(-1))
-    return sum_w.view(bins, _LANES).sum(1), sum_wv.view(bins, _LANES).sum(1)
+    sum_w = w.new_zeros(bins * lanes).index_add_(0, index, w.reshape(-1))
+    sum_wv = w.new_zeros(bins * lanes).index_add_(0, index, (w * t).reshape(-1))
+    return sum_w.view(bins, lanes).sum(1), sum_wv.view(bins, lanes).sum(1)
 
 
 def _knot_gradients(sum_w: Tensor, sum_wv: Tensor, a: Tensor, sl: Tensor, out: _OutputTable,

@@ -20,7 +20,8 @@ them alike: "ms" is the median over rounds, each ratio the median of the per-rou
 Step configurations that do not fit in --budget-s (or fail) are skipped and listed, so the script
 always ends in time.
 Rivals (--rivals; --rivals-only skips the tables above): each rival quantizer (PACT, APoT, LCQ,
-DoReFa, LQ-Nets, on activations) forward + backward against PyTorch's fused LSQ op, and one
+DoReFa, LQ-Nets, on activations) forward + backward against PyTorch's fused LSQ op, also on the
+reference kernels (the rivals' torch code alone: the C kernels' A/B on CPU), and one
 training step of pre-activation ResNet-20 (batch 32 on CPU) per rival config against FP.
 
     python scripts/bench.py --device cpu --rivals-only --threads 1
@@ -148,8 +149,9 @@ RIVAL_STEP_METHODS = ["fp", "lsq", "dorefa", "pact", "apot", "lqnets", "lcq", "l
 
 
 def rival_op_rows(device: torch.device, numel: int, reps: int, bits: int) -> list[dict]:
-    """Each rival's quantizer module, forward + backward on `numel` fp32 post-ReLU elements, with
-    its ratio to PyTorch's fused LSQ op measured in the same rounds."""
+    """Each rival's quantizer module, forward + backward on `numel` fp32 post-ReLU elements, as it
+    runs and on the reference kernels (its torch code alone), with the ratio to PyTorch's fused
+    LSQ op measured in the same rounds."""
     import nulsq.quant.rivals  # noqa: F401  (registers the kinds)
     from nulsq.quant.base import QUANTIZERS
 
@@ -168,6 +170,9 @@ def rival_op_rows(device: torch.device, numel: int, reps: int, bits: int) -> lis
             with torch.no_grad():
                 q.theta.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
         cases[f"{label} {bits}-bit"] = _fwd_bwd(q, x0, dy)
+        # A/B: the rival's torch code with every fast path off (CPU: no C kernel at all)
+        cases[f"{label} {bits}-bit, reference kernels"] = _in_context(_fwd_bwd(q, x0, dy),
+                                                                      kernels.reference_kernels)
     times = interleaved_ms(cases, device, warmup=2, rounds=reps, calls=1)
     fused = times["torch fused LSQ op"]["samples"]
     return [{"op": name, "numel": numel, "ms": t["ms"], "min_ms": t["min_ms"],

@@ -65,4 +65,6 @@ def test_rival_tables_plan_and_ops(bench, tmp_path: Path) -> None:
     rows = {row["op"]: row for row in result["rival_ops"]}
     assert rows["torch fused LSQ op"]["vs_torch_fused_lsq"] == 1.0
     assert {f"{label} 2-bit" for label, _, _ in bench.RIVAL_OPS} <= set(rows)
+    assert {f"{label} 2-bit, reference kernels" for label, _, _ in bench.RIVAL_OPS} <= set(rows)
+    assert "cpu" in bench.kernels.enabled()  # the A/B rows gave the fast paths back
     assert all(row["ms"] > 0 and row["vs_torch_fused_lsq"] > 0 for row in rows.values())

@@ -35,10 +35,11 @@ EOF
 if [ "${1:-}" = "rivals" ]; then
     rc=0
     # compiling eight configurations takes most of the time: it gets the larger share
-    for part in "compiled on 330 380" "eager off 90 130"; do
-        read -r mode compile budget limit <<<"$part"
+    # (the op table, eager either way, comes with the first part only)
+    for part in "compiled on 330 380" "eager off 90 130 --no-ops"; do
+        read -r mode compile budget limit extra <<<"$part"
         echo "== rivals, $mode =="
-        args=(--rivals-only --budget-s "$budget" --compile "$compile")
+        args=(--rivals-only --budget-s "$budget" --compile "$compile" $extra)
         [ -n "$out" ] && args+=(--out "$out/bench_rivals_$mode.json")
         timeout "$limit" python scripts/bench.py "${args[@]}" || rc=$?
     done

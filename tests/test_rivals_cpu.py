@@ -23,6 +23,10 @@ from nulsq.quant.rivals.clip_base import clip_project
 from nulsq.quant.rivals.lcq import compand_quantize
 from nulsq.quant.rivals.lqnets import counts_and_sums
 from nulsq.quant.rivals.pact import pact
+from nulsq.train.run import _warn_cpu_compile
+from nulsq.train.runtime import resolve_runtime
+
+from conftest import compose_config
 
 
 def run(op, x0, dy, params):
@@ -192,3 +196,16 @@ def test_the_c_path_saves_only_the_input_for_backward():
                          torch.zeros(16, requires_grad=True), 3, False).sum().backward()
     big = [t for t in saved if t.numel() == x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("quantizer, compile, warned", [
+    ("lcq", True, True), ("lqnets", True, True), ("lcq", False, False), ("nulsq_a", True, False)])
+def test_compile_on_the_cpu_with_a_rival_says_eager_is_faster(quantizer, compile, warned, caplog):
+    cfg = compose_config([f"quantizer={quantizer}", "trainer.device=cpu",
+                          f"trainer.compile={str(compile).lower()}"])
+    with caplog.at_level("WARNING", logger="nulsq.train.run"):
+        _warn_cpu_compile(cfg, resolve_runtime(cfg.trainer))
+    lines = [r.getMessage() for r in caplog.records if "trainer.compile=true" in r.getMessage()]
+    assert len(lines) == (1 if warned else 0)
+    if warned:
+        assert quantizer in lines[0] and "trainer.compile=auto" in lines[0]

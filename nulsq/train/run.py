@@ -28,6 +28,7 @@ from nulsq.log import build_logger, quantizer_snapshot
 from nulsq.log.histograms import eval_histograms
 from nulsq.protocol import run_protocol
 from nulsq.quant import initialize_quantizers, kernels
+from nulsq.quant.kernels.cpu_rivals import EAGER_FASTER_ON_CPU
 from nulsq.quant.progressive import load_progressive
 from nulsq.train import distributed as D
 from nulsq.train.build import build_model, quantize
@@ -280,7 +281,17 @@ def _setup(cfg: DictConfig, dist: D.DistInfo) -> tuple[RunContext, dict | None]:
                        _meta(cfg), rank=dist.rank, resume_id=ckpt.get("wandb_id") if ckpt else None)
     if dist.is_main:
         logger.info(f"run directory: {run_dir}")
+        _warn_cpu_compile(cfg, runtime)
     return RunContext(cfg, runtime, dist, run_dir, fingerprint, bundle, log), ckpt
+
+
+def _warn_cpu_compile(cfg: DictConfig, runtime: Runtime) -> None:
+    """One line when torch.compile on the CPU would slow this run's rival quantizers down."""
+    kinds = {spec.kind for spec in (cfg.quantizer.weight, cfg.quantizer.act) if spec is not None}
+    slow = sorted(kinds & set(EAGER_FASTER_ON_CPU))
+    if runtime.compile and runtime.device.type == "cpu" and slow:
+        logger.warning(f"trainer.compile=true on the CPU: {', '.join(slow)} train faster eager (their "
+                       f"C kernels); set trainer.compile=auto")
 
 
 def _setup_model(ctx: RunContext, ckpt: dict | None) -> nn.Module:

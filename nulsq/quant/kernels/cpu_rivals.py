@@ -21,6 +21,12 @@ from nulsq.quant import kernels
 from nulsq.quant.kernels import cpu_quant, dense, like
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+# Quantizer kinds that train slower under torch.compile on the CPU than eager with these kernels
+# (pre-act ResNet-20 b32, 2 threads, x the compiled FP step: APoT 1.5, LQ-Nets 4.3, LCQ 7.9;
+# inductor's CPU loops redo small-table maths per vector and scatter with atomics). The trainer
+# says so in one line when a run asks for that.
+EAGER_FASTER_ON_CPU = ("apot", "lcq", "lqnets", "ternary")
 MAX_LEVELS = 512  # MAX_N + 1 in the C source: magnitudes, thresholds + 1
 _LIB: ctypes.CDLL | None = None
 

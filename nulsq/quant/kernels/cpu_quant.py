@@ -44,7 +44,7 @@ _HEADER = "cpu_common.h"
 _C_FILES = ("cpu_quant.c", "cpu_rivals.c")
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-fno-math-errno"]
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the C sources' dt argument (F32, BF16)
 _MAX_STEPS = 511  # MAX_N in the C source: Qn + Qp (8 bits: 255)
 
 
@@ -162,7 +162,7 @@ def _fast(x: Tensor, steps: Tensor) -> bool:
     """True when the C kernels can take x and steps as they are, in eager mode."""
     return (
         _LIB is not None
-        and x.dtype in _DTYPES
+        and x.dtype in DTYPE_CODES
         and x.is_cpu
         and dense(x) is x
         and steps.dtype == torch.float32
@@ -174,22 +174,23 @@ def _fast(x: Tensor, steps: Tensor) -> bool:
 def _other(x: Tensor) -> str:
     """Why the fast route is closed: "reference", "compile", or "convert" (x or the steps need a
     copy first)."""
-    if x.dtype not in _DTYPES or not x.is_cpu or x.numel() == 0:
+    if x.dtype not in DTYPE_CODES or not x.is_cpu or x.numel() == 0:
         return "reference"
     if torch.compiler.is_compiling():  # before library(): its build would break the graph
         return "compile"
     return "reference" if library() is None else "convert"
 
 
-def _steps32(steps: Tensor | None) -> Tensor | None:
-    return None if steps is None else steps.detach().float().contiguous()
+def contiguous_f32(t: Tensor | None) -> Tensor | None:
+    """t detached as contiguous fp32 (what the C code reads: steps, tables), None as None."""
+    return None if t is None else t.detach().float().contiguous()
 
 
 def lsq_forward(x: Tensor, step: Tensor, qn: int, qp: int) -> Tensor:
     """`functional.lsq_forward_reference`, fused (same arguments and result)."""
     if _fast(x, step):
         y = torch.empty_like(x)
-        _LIB.lsq_forward(x.data_ptr(), y.data_ptr(), x.numel(), _DTYPES[x.dtype], step.data_ptr(),
+        _LIB.lsq_forward(x.data_ptr(), y.data_ptr(), x.numel(), DTYPE_CODES[x.dtype], step.data_ptr(),
                          qn, qp, torch.get_num_threads())
         return y
     route = _other(x)
@@ -197,7 +198,7 @@ def lsq_forward(x: Tensor, step: Tensor, qn: int, qp: int) -> Tensor:
         return F.lsq_forward_reference(x, step, qn, qp)
     if route == "compile":
         return _lsq_forward_op(x, step, qn, qp)
-    return lsq_forward(dense(x), _steps32(step), qn, qp)
+    return lsq_forward(dense(x), contiguous_f32(step), qn, qp)
 
 
 def lsq_backward(dy: Tensor, x: Tensor, step: Tensor, qn: int, qp: int, grad_scale: float,
@@ -210,7 +211,7 @@ def lsq_backward(dy: Tensor, x: Tensor, step: Tensor, qn: int, qp: int, grad_sca
         dx = torch.empty_like(x) if need_x else None
         dstep = torch.empty_like(step) if need_step else None
         _LIB.lsq_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr() if need_x else None,
-                          x.numel(), _DTYPES[x.dtype], step.data_ptr(), qn, qp, grad_scale,
+                          x.numel(), DTYPE_CODES[x.dtype], step.data_ptr(), qn, qp, grad_scale,
                           dstep.data_ptr() if need_step else None, torch.get_num_threads())
         return dx, dstep
     route = _other(x)
@@ -220,7 +221,7 @@ def lsq_backward(dy: Tensor, x: Tensor, step: Tensor, qn: int, qp: int, grad_sca
         dx, dstep = _lsq_backward_op(dy, x, step, qn, qp, float(grad_scale), need_x, need_step)
         dstep = F.cast(dstep.reshape(step.shape), step.dtype) if need_step else None
         return (dx if need_x else None), dstep
-    dx, dstep = lsq_backward(dy, dense(x), _steps32(step), qn, qp, grad_scale, need_x, need_step)
+    dx, dstep = lsq_backward(dy, dense(x), contiguous_f32(step), qn, qp, grad_scale, need_x, need_step)
     return dx, (None if dstep is None else F.cast(dstep, step.dtype))
 
 
@@ -230,7 +231,7 @@ def nulsq_forward(x: Tensor, pos_steps: Tensor, neg_steps: Tensor | None) -> Ten
     qp = pos_steps.numel()
     if _fast(x, pos_steps) and (qn == 0 or _fast(x, neg_steps)) and 0 < qn + qp <= _MAX_STEPS:
         y = torch.empty_like(x)
-        _LIB.nulsq_forward(x.data_ptr(), y.data_ptr(), x.numel(), _DTYPES[x.dtype],
+        _LIB.nulsq_forward(x.data_ptr(), y.data_ptr(), x.numel(), DTYPE_CODES[x.dtype],
                            pos_steps.data_ptr(), qp, None if qn == 0 else neg_steps.data_ptr(),
                            qn, torch.get_num_threads())
         return y
@@ -239,7 +240,7 @@ def nulsq_forward(x: Tensor, pos_steps: Tensor, neg_steps: Tensor | None) -> Ten
         return F.nulsq_forward_reference(x, pos_steps, neg_steps)
     if route == "compile":
         return _nulsq_forward_op(x, pos_steps, neg_steps)
-    return nulsq_forward(dense(x), _steps32(pos_steps), _steps32(neg_steps))
+    return nulsq_forward(dense(x), contiguous_f32(pos_steps), contiguous_f32(neg_steps))
 
 
 def nulsq_backward(dy: Tensor, x: Tensor, pos_steps: Tensor, neg_steps: Tensor | None,
@@ -255,7 +256,7 @@ def nulsq_backward(dy: Tensor, x: Tensor, pos_steps: Tensor, neg_steps: Tensor |
         dpos = torch.empty_like(pos_steps) if need_steps else None
         dneg = torch.empty_like(neg_steps) if need_steps and qn else None
         _LIB.nulsq_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr() if need_x else None,
-                            x.numel(), _DTYPES[x.dtype], pos_steps.data_ptr(), qp,
+                            x.numel(), DTYPE_CODES[x.dtype], pos_steps.data_ptr(), qp,
                             None if qn == 0 else neg_steps.data_ptr(), qn, grad_scale,
                             dpos.data_ptr() if need_steps else None,
                             dneg.data_ptr() if dneg is not None else None,
@@ -274,7 +275,7 @@ def nulsq_backward(dy: Tensor, x: Tensor, pos_steps: Tensor, neg_steps: Tensor |
             if neg_steps is not None:
                 dneg = F.cast(grads[qp:].reshape(neg_steps.shape), neg_steps.dtype)
         return (dx if need_x else None), dpos, dneg
-    dx, dpos, dneg = nulsq_backward(dy, dense(x), _steps32(pos_steps), _steps32(neg_steps),
+    dx, dpos, dneg = nulsq_backward(dy, dense(x), contiguous_f32(pos_steps), contiguous_f32(neg_steps),
                                     grad_scale, need_x, need_steps)
     if dpos is not None:
         dpos = F.cast(dpos, pos_steps.dtype)

@@ -18,9 +18,12 @@ typedef struct {
   float T[MAX_N + 1];      /* ascending; padded with +inf up to a power of two */
 } search_t;
 
-static void make_search(search_t *s, const float *t, int n) {
+/* The thresholds between m ascending levels: their midpoints, (L_j + L_(j+1)) / 2 in fp32 as
+   torch computes them, so that a search gives the nearest level (ties to the lower one). */
+static void make_midpoints(search_t *s, const float *levels, int m) {
+  int n = m - 1;
   s->n = n;
-  memcpy(s->T, t, (size_t)n * sizeof(float));
+  for (int j = 0; j < n; j++) s->T[j] = (levels[j] + levels[j + 1]) / 2.f;
   int size = 1;
   s->depth = 0;
   while (size < n + 1) { size *= 2; s->depth++; }
@@ -46,6 +49,12 @@ INLINE vf sign_of(vf v) {  /* torch.sign: -1, 0 or 1 (NaN: 0 here; only weights 
 INLINE vf with_sign_of(vf magnitude, vf v) {  /* magnitude >= 0 with v's sign bit */
   return (vf)((vi)magnitude | ((vi)v & splati((int32_t)0x80000000)));
 }
+
+/* One pass over [0, n) on nt threads running AT(i, valid) (an elementwise map: a forward); the
+   caller's `dt` picks fp32 or bf16 loads. */
+#define MAP_RANGE(DTV, AT) do { const int DT = DTV; FOR_VECTORS(b, e, AT, NOTHING); } while (0)
+#define MAP_PASS(nt, n, AT)                                                \
+  PARALLEL(nt, n, if (dt == F32) MAP_RANGE(F32, AT); else MAP_RANGE(BF16, AT))
 
 /* One pass over [0, n) on nt threads in which AT(i, valid) adds its terms to the vector `acc`
    (it may also store dx); the float64 total, threads added in a fixed order, goes to *OUT
@@ -79,9 +88,7 @@ typedef struct {
 } project_t;
 
 static void make_project(project_t *p, const float *mags, int m, int is_signed) {
-  float mids[MAX_N + 1];
-  for (int j = 0; j + 1 < m; j++) mids[j] = (mags[j] + mags[j + 1]) / 2.f;
-  make_search(&p->mids, mids, m - 1);
+  make_midpoints(&p->mids, mags, m);
   memcpy(p->M, mags, (size_t)m * sizeof(float));
   p->magnitudes = make_lut(p->M, m);
   p->lo = is_signed ? -1.f : 0.f;
@@ -102,9 +109,7 @@ void project_forward(const void *x, void *y, int64_t n, int dt, const float *alp
   vf a = splat(*alpha);
   int nt = threads_for(n, nthreads, 256);
 #define AT(i, valid) store(y, i, project_at(load(x, i, DT, valid) / a, &p) * a, DT, valid)
-#define RANGE(DTV) do { const int DT = DTV; FOR_VECTORS(b, e, AT, NOTHING); } while (0)
-  PARALLEL(nt, n, if (dt == F32) RANGE(F32); else RANGE(BF16))
-#undef RANGE
+  MAP_PASS(nt, n, AT);
 #undef AT
 }
 
@@ -152,18 +157,14 @@ void pact_backward(const void *dy, const void *x, void *dx, int64_t n, int dt, c
 void nearest_forward(const void *x, void *y, int64_t n, int dt, const float *levels, int m,
                      int nthreads) {
   search_t s;
-  float mids[MAX_N + 1];
-  for (int j = 0; j + 1 < m; j++) mids[j] = (levels[j] + levels[j + 1]) / 2.f;
-  make_search(&s, mids, m - 1);
+  make_midpoints(&s, levels, m);
   lut_t table = make_lut(levels, m);
   int nt = threads_for(n, nthreads, 256);
 #define AT(i, valid) do {                                                  \
     vf xv = load(x, i, DT, valid);                                         \
     store(y, i, lut_get(&table, count_below(xv, &s)), DT, valid);          \
   } while (0)
-#define RANGE(DTV) do { const int DT = DTV; FOR_VECTORS(b, e, AT, NOTHING); } while (0)
-  PARALLEL(nt, n, if (dt == F32) RANGE(F32); else RANGE(BF16))
-#undef RANGE
+  MAP_PASS(nt, n, AT);
 #undef AT
 }
 
@@ -212,9 +213,7 @@ void lcq_forward(const void *x, void *y, int64_t n, int dt, const float *alpha,
     vf t; vi k, q;                                                         \
     store(y, i, compand_at(load(x, i, DT, valid), &c, a, &t, &k, &q), DT, valid); \
   } while (0)
-#define RANGE(DTV) do { const int DT = DTV; FOR_VECTORS(b, e, AT, NOTHING); } while (0)
-  PARALLEL(nt, n, if (dt == F32) RANGE(F32); else RANGE(BF16))
-#undef RANGE
+  MAP_PASS(nt, n, AT);
 #undef AT
 }
 
@@ -284,13 +283,13 @@ void lcq_backward(const void *dy, const void *x, void *dx, int64_t n, int dt, co
 }
 
 /* ---- LQ-Nets' QEM statistics (rivals/lqnets.py counts_and_sums) ----
-   Per level j of m + 1: the count and the sum of the elements with exactly j of the m
-   ascending midpoints strictly below them (mid_(j-1) < x <= mid_j). */
-void level_stats(const void *x, int64_t n, int dt, const float *mids, int m, double *counts,
+   Per level j of the `levels` ascending levels: the count and the sum of the elements nearest
+   to it, i.e. with exactly j midpoints strictly below them (mid_(j-1) < x <= mid_j). */
+void level_stats(const void *x, int64_t n, int dt, const float *levels, int bins, double *counts,
                  double *sums, int nthreads) {
   search_t s;
-  make_search(&s, mids, m);
-  int nt = threads_for(n, nthreads, 64), bins = m + 1;
+  make_midpoints(&s, levels, bins);
+  int nt = threads_for(n, nthreads, 64), m = bins - 1;
   double *partial = calloc((size_t)nt * 2 * bins, sizeof(double));
 #define RANGE(DTV) do {                                                    \
     const int DT = DTV; double *c = partial + (size_t)tid * 2 * bins, *sm = c + bins; \

@@ -19,8 +19,7 @@ from torch import Tensor
 
 from nulsq.quant import kernels
 from nulsq.quant.kernels import cpu_quant, dense, like
-
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+from nulsq.quant.kernels.cpu_quant import DTYPE_CODES, contiguous_f32
 
 # Quantizer kinds that train slower under torch.compile on the CPU than eager with these kernels
 # (pre-act ResNet-20 b32, 2 threads, x the compiled FP step: APoT 1.5, LQ-Nets 4.3, LCQ 7.9;
@@ -54,20 +53,18 @@ def _library() -> ctypes.CDLL | None:
     return _LIB
 
 
-def ready(x: Tensor) -> bool:
-    """True when the C kernels serve x (eager, CPU, fp32/bf16, CPU fast path on and built)."""
+def ready(x: Tensor, table: int = 0) -> bool:
+    """True when the C kernels serve x (eager, CPU, fp32/bf16, CPU fast path on and built) with
+    a level table of `table` entries (at most MAX_LEVELS)."""
     return (
-        x.dtype in _DTYPES
+        table <= MAX_LEVELS
+        and x.dtype in DTYPE_CODES
         and x.is_cpu
         and x.numel() > 0
         and not torch.compiler.is_compiling()
         and "cpu" in kernels.enabled()
         and _library() is not None
     )
-
-
-def _f32(t: Tensor) -> Tensor:
-    return t.detach().float().contiguous()
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -77,8 +74,8 @@ def _ptr(t: Tensor | None) -> int | None:
 def project_forward(x: Tensor, alpha: Tensor, magnitudes: Tensor, signed: bool) -> Tensor:
     """alpha P(clamp(x / alpha)) (clip_base.clip_project's value), P onto +-magnitudes."""
     x = dense(x.detach())
-    y, a, m = torch.empty_like(x), _f32(alpha), _f32(magnitudes)
-    _LIB.project_forward(x.data_ptr(), y.data_ptr(), x.numel(), _DTYPES[x.dtype], a.data_ptr(),
+    y, a, m = torch.empty_like(x), contiguous_f32(alpha), contiguous_f32(magnitudes)
+    _LIB.project_forward(x.data_ptr(), y.data_ptr(), x.numel(), DTYPE_CODES[x.dtype], a.data_ptr(),
                          m.data_ptr(), m.numel(), int(signed), torch.get_num_threads())
     return y
 
@@ -87,10 +84,10 @@ def project_backward(dy: Tensor, x: Tensor, alpha: Tensor, magnitudes: Tensor, s
                      clipped: bool, need_alpha: bool) -> tuple[Tensor, Tensor | None]:
     """(dx, dL/dalpha as a 0-d fp32 tensor or None) of clip_project (APoT's RCF gradients)."""
     x = dense(x.detach())
-    dy, a, m = like(dy, x), _f32(alpha), _f32(magnitudes)
+    dy, a, m = like(dy, x), contiguous_f32(alpha), contiguous_f32(magnitudes)
     dx = torch.empty_like(x)
     dalpha = torch.empty((), dtype=torch.float32) if need_alpha else None
-    _LIB.project_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), _DTYPES[x.dtype],
+    _LIB.project_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), DTYPE_CODES[x.dtype],
                           a.data_ptr(), m.data_ptr(), m.numel(), int(signed), int(clipped),
                           _ptr(dalpha), torch.get_num_threads())
     return dx, dalpha
@@ -100,10 +97,10 @@ def pact_backward(dy: Tensor, x: Tensor, alpha: Tensor, signed: bool, need_alpha
                   ) -> tuple[Tensor, Tensor | None]:
     """(dx, dL/dalpha as a 0-d fp32 tensor or None) of PACT's clip (rivals/pact.py)."""
     x = dense(x.detach())
-    dy, a = like(dy, x), _f32(alpha)
+    dy, a = like(dy, x), contiguous_f32(alpha)
     dx = torch.empty_like(x)
     dalpha = torch.empty((), dtype=torch.float32) if need_alpha else None
-    _LIB.pact_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), _DTYPES[x.dtype],
+    _LIB.pact_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), DTYPE_CODES[x.dtype],
                        a.data_ptr(), int(signed), _ptr(dalpha), torch.get_num_threads())
     return dx, dalpha
 
@@ -112,8 +109,8 @@ def nearest_forward(x: Tensor, levels: Tensor) -> Tensor:
     """The nearest of the ascending `levels` (at most MAX_LEVELS) for every element of x; ties
     to the lower level (rivals/lqnets.nearest)."""
     x = dense(x.detach())
-    y, lv = torch.empty_like(x), _f32(levels)
-    _LIB.nearest_forward(x.data_ptr(), y.data_ptr(), x.numel(), _DTYPES[x.dtype], lv.data_ptr(),
+    y, lv = torch.empty_like(x), contiguous_f32(levels)
+    _LIB.nearest_forward(x.data_ptr(), y.data_ptr(), x.numel(), DTYPE_CODES[x.dtype], lv.data_ptr(),
                          lv.numel(), torch.get_num_threads())
     return y
 
@@ -124,8 +121,8 @@ class CompanderTables:
 
     def __init__(self, intercepts: Tensor, slopes_vk: Tensor, outputs: Tensor, below_one: float
                  ) -> None:
-        self.intercepts, self.slopes_vk = _f32(intercepts), _f32(slopes_vk)
-        self.outputs, self.below_one = _f32(outputs), below_one
+        self.intercepts, self.slopes_vk = contiguous_f32(intercepts), contiguous_f32(slopes_vk)
+        self.outputs, self.below_one = contiguous_f32(outputs), below_one
 
     def args(self) -> tuple:
         return (self.intercepts.data_ptr(), self.slopes_vk.data_ptr(), self.intercepts.numel(),
@@ -135,8 +132,8 @@ class CompanderTables:
 def lcq_forward(x: Tensor, alpha: Tensor, tables: CompanderTables, signed: bool) -> Tensor:
     """LCQ's compander output y (rivals/lcq.py) for x."""
     x = dense(x.detach())
-    y, a = torch.empty_like(x), _f32(alpha)
-    _LIB.lcq_forward(x.data_ptr(), y.data_ptr(), x.numel(), _DTYPES[x.dtype], a.data_ptr(),
+    y, a = torch.empty_like(x), contiguous_f32(alpha)
+    _LIB.lcq_forward(x.data_ptr(), y.data_ptr(), x.numel(), DTYPE_CODES[x.dtype], a.data_ptr(),
                      *tables.args(), int(signed), torch.get_num_threads())
     return y
 
@@ -150,25 +147,26 @@ def lcq_backward(dy: Tensor, x: Tensor, alpha: Tensor, tables: CompanderTables, 
     (input interval, level). The cells hold, per (k, q), the sums of w = dy sign(x) over the
     inside of the clip range and of w t (t = |x| / alpha)."""
     x = dense(x.detach())
-    dy, a = like(dy, x), _f32(alpha)
+    dy, a = like(dy, x), contiguous_f32(alpha)
     k_count, levels = tables.intercepts.numel(), tables.outputs.numel()
     dx = torch.empty_like(x)
     sums = torch.empty(2, dtype=torch.float64)
     cells = torch.empty(2, k_count, levels, dtype=torch.float64) if need_cells else None
-    ratio = None if ratio is None else _f32(ratio)
-    _LIB.lcq_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), _DTYPES[x.dtype],
+    ratio = contiguous_f32(ratio)
+    _LIB.lcq_backward(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), DTYPE_CODES[x.dtype],
                       a.data_ptr(), *tables.args(), int(signed), _ptr(ratio), sums.data_ptr(),
                       _ptr(cells), torch.get_num_threads())
     return dx, sums, cells
 
 
-def level_stats(x: Tensor, mids: Tensor) -> tuple[Tensor, Tensor]:
-    """(counts, sums) in float64 of the elements of x per level, for ascending midpoints `mids`
-    (level j: mid_(j-1) < x <= mid_j), as rivals/lqnets.counts_and_sums."""
+def level_stats(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+    """(counts, sums) in float64 of the elements of x nearest to each of the ascending `levels`
+    (level j: mid_(j-1) < x <= mid_j, the midpoints between levels), as
+    rivals/lqnets.counts_and_sums."""
     x = dense(x.detach())
-    m = _f32(mids)
-    counts = torch.empty(m.numel() + 1, dtype=torch.float64)
+    lv = contiguous_f32(levels)
+    counts = torch.empty(lv.numel(), dtype=torch.float64)
     sums = torch.empty_like(counts)
-    _LIB.level_stats(x.data_ptr(), x.numel(), _DTYPES[x.dtype], m.data_ptr(), m.numel(),
+    _LIB.level_stats(x.data_ptr(), x.numel(), DTYPE_CODES[x.dtype], lv.data_ptr(), lv.numel(),
                      counts.data_ptr(), sums.data_ptr(), torch.get_num_threads())
     return counts, sums

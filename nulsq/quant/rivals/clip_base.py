@@ -148,7 +148,7 @@ class _ClipProject(torch.autograd.Function):
     def forward(ctx, x: Tensor, alpha: Tensor, magnitudes: Tensor, signed: bool, clipped: bool
                 ) -> Tensor:
         ctx.signed, ctx.clipped = signed, clipped
-        ctx.fast = cpu_rivals.ready(x) and magnitudes.numel() <= cpu_rivals.MAX_LEVELS
+        ctx.fast = cpu_rivals.ready(x, table=magnitudes.numel())
         if ctx.fast:  # one C pass; the backward recomputes P from x
             ctx.save_for_backward(x, alpha, magnitudes)
             return cpu_rivals.project_forward(x, alpha, magnitudes, signed)

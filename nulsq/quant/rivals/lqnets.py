@@ -72,9 +72,8 @@ def counts_and_sums(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
     when x > t, and sums to S(t) - t C(t)); no search, no scatter. One row on the CPU in eager
     mode (fp32/bf16): one C pass (kernels/cpu_rivals.c).
     """
-    if levels.shape[0] == 1 and levels.shape[1] <= cpu_rivals.MAX_LEVELS and cpu_rivals.ready(x):
-        mids = (levels[0, 1:] + levels[0, :-1]) / 2
-        counts, sums = cpu_rivals.level_stats(x, mids)
+    if levels.shape[0] == 1 and cpu_rivals.ready(x, table=levels.shape[1]):
+        counts, sums = cpu_rivals.level_stats(x, levels[0])
         return counts.to(levels.dtype)[None], sums.to(levels.dtype)[None]
     if levels.shape[1] - 1 > _MAX_THRESHOLD_PASSES:
         idx = nearest(x, levels)
@@ -215,7 +214,7 @@ class LQNetsQuantizer(Quantizer):
 
     def _nearest_level(self, x: Tensor, levels: Tensor) -> Tensor:
         """The nearest of each row's ascending `levels` (rows, 2^b) for every element of x."""
-        if not self.per_channel and levels.shape[1] <= cpu_rivals.MAX_LEVELS and cpu_rivals.ready(x):
+        if not self.per_channel and cpu_rivals.ready(x, table=levels.shape[1]):
             return cpu_rivals.nearest_forward(x, levels[0])  # one C pass
         if not self.per_channel and x.dtype in FAST_DTYPES:
             low = levels[0, :1]

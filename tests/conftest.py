@@ -33,6 +33,16 @@ def load_script(name: str, prefix: str = "script") -> types.ModuleType:
     return module
 
 
+def grads(op, x0: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor]):
+    """op(x, *params) and the gradients of sum(dy * y) for x and every param (fresh leaves each
+    call; an unused one gets zeros)."""
+    x = x0.clone().requires_grad_()
+    ps = [p.clone().requires_grad_() for p in params]
+    y = op(x, *ps)
+    got = torch.autograd.grad((y * dy).sum(), [x, *ps], allow_unused=True)
+    return y.detach(), [g if g is not None else torch.zeros_like(t) for g, t in zip(got, [x, *ps])]
+
+
 def compose_config(overrides: list[str] | None = None, logger: str = "none"):
     """The config `python train.py <overrides>` would run, with W&B off unless asked; a key or
     value the schema refuses raises the UserError train.py would print."""

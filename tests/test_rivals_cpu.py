@@ -26,24 +26,15 @@ from nulsq.quant.rivals.pact import pact
 from nulsq.train.run import _warn_cpu_compile
 from nulsq.train.runtime import resolve_runtime
 
-from conftest import compose_config
-
-
-def run(op, x0, dy, params):
-    """y and the gradients of sum(dy * y) for x and params."""
-    x = x0.clone().requires_grad_()
-    ps = [p.clone().requires_grad_() for p in params]
-    y = op(x, *ps)
-    got = torch.autograd.grad((y * dy).sum(), [x, *ps])
-    return y.detach(), got
+from conftest import compose_config, grads
 
 
 def fast_and_torch(op, x, dy, params):
     assert cpu_rivals.ready(x), "the C kernels did not build: the comparison would be vacuous"
-    fast = run(op, x, dy, params)
+    fast = grads(op, x, dy, params)
     with kernels.reference_kernels():
         assert not cpu_rivals.ready(x)
-        slow = run(op, x, dy, params)
+        slow = grads(op, x, dy, params)
     return fast, slow
 
 
@@ -154,8 +145,8 @@ def test_bf16_inputs_give_the_fp32_result_rounded_once(name):
     op, _ = _all_rival_ops()[name]
     x, dy = inputs(signed=name.endswith("signed"), seed=50)
     xb = x.bfloat16()
-    y16, (dx16, da16) = run(op, xb, dy.bfloat16(), [torch.tensor(1.4)])
-    y32, (dx32, da32) = run(op, xb.float(), dy.bfloat16().float(), [torch.tensor(1.4)])
+    y16, (dx16, da16) = grads(op, xb, dy.bfloat16(), [torch.tensor(1.4)])
+    y32, (dx32, da32) = grads(op, xb.float(), dy.bfloat16().float(), [torch.tensor(1.4)])
     assert y16.dtype == dx16.dtype == torch.bfloat16 and da16.dtype == torch.float32
     torch.testing.assert_close(y16, y32.bfloat16(), rtol=0, atol=0)
     torch.testing.assert_close(dx16, dx32.bfloat16(), rtol=0, atol=0)
@@ -169,9 +160,9 @@ def test_two_threads_give_the_one_thread_sums(name):
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run(op, x, dy, [torch.tensor(1.4)])
+        one = grads(op, x, dy, [torch.tensor(1.4)])
         torch.set_num_threads(2)
-        two = run(op, x, dy, [torch.tensor(1.4)])
+        two = grads(op, x, dy, [torch.tensor(1.4)])
     finally:
         torch.set_num_threads(previous)
     torch.testing.assert_close(two[0], one[0], rtol=0, atol=0)

@@ -21,6 +21,8 @@ from nulsq.quant.rivals.lcq import compand_quantize, compander_knots
 from nulsq.quant.rivals.lqnets import all_codes, counts_and_sums
 from nulsq.quant.rivals.pact import pact
 
+from conftest import grads
+
 # -- the implementation before issue #21 ------------------------------------------------------
 
 
@@ -75,15 +77,6 @@ def old_dorefa_act(x, steps, signed):
 
 
 # -- harness -----------------------------------------------------------------------------------
-
-
-def grads(op, x0: torch.Tensor, dy: torch.Tensor, params: list[torch.Tensor]):
-    """y and the gradients of sum(dy * y) for x and params (fresh leaves each call)."""
-    x = x0.clone().requires_grad_()
-    ps = [p.clone().requires_grad_() for p in params]
-    y = op(x, *ps)
-    got = torch.autograd.grad((y * dy).sum(), [x, *ps], allow_unused=True)
-    return y.detach(), [g if g is not None else torch.zeros_like(t) for g, t in zip(got, [x, *ps])]
 
 
 def assert_same(new, old, dtype, what):
